@@ -6,6 +6,7 @@ Handlers import matplotlib / torch lazily so `autodeco --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 REPORT_KINDS = ("pass1", "passk", "oracle", "ablation", "efficiency", "traces", "training", "compare", "all")
@@ -22,6 +23,12 @@ Regenerate the paper's tables and figures from result files (never from the runn
   compare     one table and one plot comparing any set of runs
   all         every kind that has inputs, plus index.md
 Tables are written as .md, .tex (booktabs) and .csv; figures as .png and .pdf.
+
+Inputs: --runs folders (results files and the rest), and/or --wandb runs logged by `autodeco
+eval/sweep` (a wandb/offline-run-* folder, any folder holding such runs, or entity/project[/run_id]
+through the W&B API). W&B runs give the results-file numbers (config + `<task>/<metric>` summary)
+to every table; they hold no samples or sweep_summary files, so `traces` and `oracle` need --runs.
+Training runs (job_type train) are skipped with a note.
 """
 
 
@@ -42,8 +49,18 @@ def cmd_report(args) -> int:
     from reports.index import REPORTS, Inputs, Options, run_all, write_index
     from reports.runs import ReportInputError
 
+    if not args.runs and not args.wandb:
+        raise CLIError("give --runs DIR... and/or --wandb SRC (see `autodeco report --help`)")
+    aliases = _pairs(args.alias, "--alias")
     try:
-        inputs = Inputs.scan(args.runs, _pairs(args.alias, "--alias"))
+        inputs = Inputs.scan(args.runs or [], aliases)
+        if args.wandb:
+            from reports.wandb_runs import find_wandb_runs
+
+            logged = find_wandb_runs(args.wandb, note=lambda line: print(line, file=sys.stderr))
+            for run in logged:
+                run.model_name = aliases.get(run.model_name, run.model_name)
+            inputs.runs.extend(logged)
     except ReportInputError as err:
         raise CLIError(str(err)) from err
     options = Options(tasks=args.tasks.split(",") if args.tasks else None, paper=args.paper,
@@ -52,7 +69,8 @@ def cmd_report(args) -> int:
     out = Path(args.out)
     if args.kind == "all":
         done = run_all(inputs, out, options)
-        index = write_index(out, done, header="Inputs: " + ", ".join(str(d) for d in inputs.dirs))
+        sources = [str(d) for d in inputs.dirs] + [f"W&B {w}" for w in args.wandb or []]
+        index = write_index(out, done, header="Inputs: " + ", ".join(sources))
         print(f"wrote {index}")
         return 0
     try:
@@ -117,12 +135,17 @@ def cmd_bench_efficiency(args) -> int:
 
 def register(subparsers) -> None:
     """Add `report` and `demo` to the `autodeco` parser."""
-    report = subparsers.add_parser("report", help="regenerate the paper's tables and figures from result files",
+    report = subparsers.add_parser("report", help="regenerate the paper's tables and figures from result files "
+                                                   "or W&B runs",
                                    description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("kind", choices=REPORT_KINDS, help="which table/figure (see above)")
-    report.add_argument("--runs", nargs="+", required=True, metavar="DIR",
+    report.add_argument("--runs", nargs="+", metavar="DIR",
                         help="folders (searched recursively) with results_*.json, samples_*.jsonl, "
                              "sweep_summary_*.json, efficiency.json, log_history.jsonl")
+    report.add_argument("--wandb", action="append", metavar="SRC",
+                        help="W&B evaluation runs as rows: a wandb/offline-run-* folder, a folder holding "
+                             "runs (searched recursively), or entity/project[/run_id] (W&B API); "
+                             "repeatable; --runs may then be omitted")
     report.add_argument("--out", required=True, metavar="DIR", help="where tables and figures go")
     report.add_argument("--alias", action="append", metavar="NAME=SHOWN",
                         help="show model NAME as SHOWN, e.g. an AutoDeco folder as its base model so "

@@ -1,4 +1,4 @@
-"""W&B-style comparison of any set of runs: one row per results file, one grouped bar plot."""
+"""W&B-style comparison of any set of runs: one row per run (results file or W&B run), one grouped bar plot."""
 
 from __future__ import annotations
 
@@ -13,14 +13,24 @@ def run_name(run: Run) -> str:
     return f"{run.model_name} · {run.label}"
 
 
+def run_source(run: Run) -> str:
+    """Where a row came from: `results: <out folder>`, `W&B <project>/<name> (<id>)` or `W&B offline <id>`."""
+    info = run.raw.get("wandb")
+    if not info:
+        return f"results: {run.path.parent.parent.name or run.path.parent}"
+    if info.get("name"):
+        where = "/".join(x for x in (info.get("project"), info["name"]) if x)
+        return f"W&B {where} ({info['id']})"
+    return f"W&B {info['source']} {info['id']}"
+
+
 def report_compare(runs: list[Run], out: Path, metric: str = "pass@1", name: str = "compare") -> list[Path]:
     if not runs:
-        raise ValueError("no results files in the given folders")
+        raise ValueError("no evaluation runs in the given inputs (results files or W&B runs)")
     tasks = sorted({t for r in runs for t in r.tasks})
     rows = []
     for run in runs:
-        row = [run_name(run), run.path.parent.parent.name or str(run.path.parent),
-               f"{len(run.seeds)}×{run.samples}"]
+        row = [run_name(run), run_source(run), f"{len(run.seeds)}×{run.samples}"]
         values = []
         for task in tasks:
             result = run.tasks.get(task)
@@ -34,8 +44,8 @@ def report_compare(runs: list[Run], out: Path, metric: str = "pass@1", name: str
         row.append(run.raw.get("total_evaluation_time_seconds"))
         rows.append(row)
     table = Table(name=name, title=f"Run comparison ({metric}, %)",
-                  columns=["Run", "Folder", "seeds×samples", *tasks, "Average", "time (s)"], rows=rows,
-                  notes=["One row per results file; bold = best per column. Files: "
+                  columns=["Run", "Source", "seeds×samples", *tasks, "Average", "time (s)"], rows=rows,
+                  notes=["One row per run (results file or W&B run); bold = best per column. Sources: "
                          + ", ".join(str(r.path) for r in runs)])
     mark_best(table, list(range(3, 3 + len(tasks) + 1)))
     paths = write_table(table, out)
