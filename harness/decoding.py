@@ -310,6 +310,30 @@ def parse_spec(spec: str) -> DecodingPreset:
     return get_preset(name, **params)
 
 
+def parse_specs(text: str) -> list[DecodingPreset]:
+    """Several presets in one string: ``"greedy,default,static:temperature=0.7,top_p=0.9,autodeco"``.
+
+    Parameters always read ``key=value``, so a comma-separated part without ``=`` starts the next
+    preset and a part with one continues the current preset's parameters. Repeats are refused.
+    """
+    groups: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and groups:
+            groups[-1] += "," + part
+        else:
+            groups.append(part)
+    if not groups:
+        raise PresetError("no decoding preset given")
+    presets = [parse_spec(group) for group in groups]
+    keys = [p.key for p in presets]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise PresetError(f"decoding preset given twice: {', '.join(repeated)}")
+    return presets
+
+
 def _number(text: str, spec: str) -> int | float:
     try:
         return int(text)

@@ -9,7 +9,7 @@ import torch
 
 from harness.backends import sample_seed
 from harness.backends.hf import RowSampler
-from harness.decoding import PRESETS, PresetError, get_preset, min_p_filter, parse_spec, top_p_filter
+from harness.decoding import PRESETS, PresetError, get_preset, min_p_filter, parse_spec, parse_specs, top_p_filter
 
 PAPER_PRESETS = {"greedy", "default", "static", "autodeco", "autodeco-temp", "autodeco-top-p",
                  "min-p", "top-n-sigma", "edt", "eta"}
@@ -91,3 +91,15 @@ def test_each_sample_draws_the_same_tokens_whatever_its_batch():
     assert draw([1]) == [full[1]]
     assert len({tuple(r) for r in full}) == 4  # different samples differ
     assert sample_seed(3, "task/7", 0) != sample_seed(4, "task/7", 0)
+
+
+def test_several_presets_in_one_string():
+    presets = parse_specs("greedy, static:temperature=0.7,top_p=0.9,autodeco,min-p:min_p=0.05")
+    assert [p.key for p in presets] == [parse_spec(s).key for s in
+                                        ("greedy", "static:temperature=0.7,top_p=0.9", "autodeco", "min-p:min_p=0.05")]
+    with pytest.raises(PresetError, match="given twice: greedy"):
+        parse_specs("greedy,default,greedy")
+    with pytest.raises(PresetError, match="no decoding preset"):
+        parse_specs(" , ")
+    with pytest.raises(PresetError, match="unknown decoding preset 'nope'"):
+        parse_specs("greedy,nope")
