@@ -44,7 +44,9 @@ def _common(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     parser.add_argument("--tasks", help="comma-separated tasks or groups (see `autodeco tasks list`); required")
     if not sweep:
         parser.add_argument("--decoding", default="autodeco",
-                            help="preset, optionally with parameters: name[:key=value,...] (default: autodeco)")
+                            help="preset, optionally with parameters: name[:key=value,...]; several presets "
+                                 "comma-separated (greedy,default,static:temperature=0.6,top_p=0.95) share one "
+                                 "model load and write one results file each (default: autodeco)")
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds, 0..N-1 (paper: 8)")
     parser.add_argument("--samples", type=int, default=1, help="samples per seed and problem (paper: 16)")
     parser.add_argument("--backend", default="hf", help="hf (transformers) or vllm (default: hf)")
@@ -221,28 +223,43 @@ def _run_guarded(fn):
 # eval
 
 def cmd_eval(args) -> int:
-    from harness.decoding import parse_spec
+    """Every (model or candidate) × preset: one results file each, one model load per model.
+
+    The candidates of a training run share their base, so after the first one is loaded the
+    others only swap head weights into it (``Backend.load_heads``) where the backend can.
+    """
+    from harness.decoding import parse_specs
 
     def body():
         _apply_config(args)
-        preset = parse_spec(args.decoding)
+        presets = parse_specs(args.decoding)
         options = _parse_backend_args(args.backend_arg)
         tasks = _load_tasks(args.tasks, args.data_dir)
         targets = _targets(args.model)
-        specs = [_spec(args, path, name, cand, preset) for path, name, cand in targets]
+        specs = [[_spec(args, path, name, cand, preset) for preset in presets] for path, name, cand in targets]
         from harness.runner import check_output, evaluate
 
         for spec in specs:  # refuse a conflicting output dir before loading any model
-            check_output(args.out, spec)
+            check_output(args.out, spec[0])
 
-        for spec in specs:
-            backend = _backend(args.backend, spec.model_path, options)
-            try:
-                path = evaluate(backend, tasks, spec, args.out, tracker_factory=_tracker_factory(args, "eval"),
-                                progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
-            finally:
+        backend = None
+        try:
+            for target_specs in specs:
+                path = target_specs[0].model_path
+                if backend is None or not backend.load_heads(path):
+                    if backend is not None:
+                        backend.close()
+                        backend = None
+                    backend = _backend(args.backend, path, options)
+                else:
+                    print(f"{path}: heads swapped into the loaded {args.backend} engine", file=sys.stderr)
+                for spec in target_specs:
+                    result = evaluate(backend, tasks, spec, args.out, tracker_factory=_tracker_factory(args, "eval"),
+                                      progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+                    _print_results(result)
+        finally:
+            if backend is not None:
                 backend.close()
-            _print_results(path)
         return 0
 
     return _run_guarded(body)

@@ -102,7 +102,9 @@ def construct(base: str, out: str | os.PathLike, overwrite: bool = False, seed: 
     return Path(out)
 
 
-def _head_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def head_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``temp_head.*`` / ``top_p_head.*`` tensors of an AutoDeco folder (heads-only or merged)."""
+    folder = Path(folder)
     files = weight_files(folder)
     tensors = {
         name: _read_tensor(file, name)
@@ -122,7 +124,7 @@ def split(full: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
     check_out(out, overwrite)
     folder = Path(full)
     config = _load_config(folder)
-    heads = _head_tensors(folder)
+    heads = head_tensors(folder)
     with atomic_folder(out, overwrite) as tmp:
         _copy_side_files(folder, tmp)
         save_file(heads, str(tmp / HEADS_FILE), metadata={"format": "pt"})
@@ -152,10 +154,10 @@ def merge(heads: str | os.PathLike, base: str, out: str | os.PathLike, overwrite
     check_out(out, overwrite)
     heads_folder = Path(heads)
     head_config = _load_config(heads_folder)
-    head_tensors = _head_tensors(heads_folder)
+    new_heads = head_tensors(heads_folder)
     base_folder = _base_folder(base)
     base_config = AutoConfig.from_pretrained(str(base_folder))
-    _check_fit(head_tensors, head_config, base_config.get_text_config().hidden_size, heads_folder)
+    _check_fit(new_heads, head_config, base_config.get_text_config().hidden_size, heads_folder)
     options = {k: getattr(head_config, k) for k in ("enable_temperature_head", "enable_top_p_head",
                                                      "use_enhanced_features", "head_width")}
     config = AutoDecoConfig.from_base_config(base_config, str(base_folder), **options)
@@ -168,9 +170,9 @@ def merge(heads: str | os.PathLike, base: str, out: str | os.PathLike, overwrite
             for file in base_files:
                 _tensor_names(file)  # refuse corrupt shards now, not at load time
                 shutil.copyfile(file, tmp / file.name)
-            save_file(head_tensors, str(tmp / HEADS_SHARD), metadata={"format": "pt"})
-            index["weight_map"].update({name: HEADS_SHARD for name in head_tensors})
-            size = sum(t.numel() * t.element_size() for t in head_tensors.values())
+            save_file(new_heads, str(tmp / HEADS_SHARD), metadata={"format": "pt"})
+            index["weight_map"].update({name: HEADS_SHARD for name in new_heads})
+            size = sum(t.numel() * t.element_size() for t in new_heads.values())
             index.setdefault("metadata", {})["total_size"] = index.get("metadata", {}).get("total_size", 0) + size
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         else:
@@ -181,7 +183,7 @@ def merge(heads: str | os.PathLike, base: str, out: str | os.PathLike, overwrite
             clash = [k for k in tensors if k.startswith(HEAD_PREFIXES)]
             if clash:
                 raise CheckpointError(f"{base_files[0]}: base already holds head tensors {clash[:2]}")
-            save_file({**tensors, **head_tensors}, str(tmp / HEADS_FILE), metadata={"format": "pt"})
+            save_file({**tensors, **new_heads}, str(tmp / HEADS_FILE), metadata={"format": "pt"})
         write_config(config, tmp)
     return Path(out)
 

@@ -194,6 +194,26 @@ def set_decoding(model: nn.Module, temperature: bool, top_p: bool) -> tuple[bool
 
 
 @torch.no_grad()
+def load_heads(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
+    """Copy another checkpoint's head tensors into a live model (``LLM.apply_model``); returns the count.
+
+    Names and shapes must match the loaded heads exactly, so a checkpoint of another head layout
+    fails here instead of decoding with half-swapped weights.
+    """
+    if not isinstance(model, AutoDecoHeads):
+        raise TypeError(f"{type(model).__name__} is not an AutoDeco model")
+    params = {k: v for k, v in model.named_parameters() if k.startswith(HEAD_PREFIXES)}
+    if set(tensors) != set(params):
+        raise ValueError(f"head tensors differ: got {sorted(set(tensors) ^ set(params))} extra/missing")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != loaded {tuple(params[name].shape)}")
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor.to(params[name].dtype))
+    return len(tensors)
+
+
+@torch.no_grad()
 def apply_heads(model: AutoDecoHeads, hidden: torch.Tensor, base_logits: torch.Tensor):
     """(logits, T [N], P [N]) for last hidden states [N, H] and their base logits [N, V].
 

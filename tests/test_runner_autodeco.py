@@ -11,16 +11,20 @@ from harness.cli import main
 
 @pytest.fixture(scope="module")
 def training_run(tmp_path_factory, smollm2_path):
-    """A training-run-shaped folder: two heads-only candidates (fresh heads) on SmolLM2."""
-    import shutil
-
+    """A training-run-shaped folder: two heads-only candidates (fresh heads, other seeds) on SmolLM2."""
     from heads.checkpoint import construct
 
     run = tmp_path_factory.mktemp("runs") / "train1"
     construct(str(smollm2_path), run / "checkpoint-1", seed=1)
-    shutil.copytree(run / "checkpoint-1", run / "final")
+    construct(str(smollm2_path), run / "final", seed=2)
     (run / "log_history.jsonl").write_text("")
     return run
+
+
+def samples_of(folder, task: str = "arith") -> list[dict]:
+    """The rows of every samples file of ``task`` in a run folder (one file per preset run)."""
+    return [json.loads(x) for path in sorted(folder.glob(f"samples_{task}_*.jsonl"))
+            for x in path.read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -41,6 +45,32 @@ def test_eval_training_run_evaluates_every_candidate_with_traces(training_run, t
         for row in rows:
             assert len(row["trace"]["T"]) == len(row["trace"]["P"]) == row["n_tokens"]
             assert row["temperature_mean"] == pytest.approx(sum(row["trace"]["T"]) / row["n_tokens"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_candidates_share_one_load_and_match_a_fresh_load(training_run, tmp_path, capsys):
+    """Several presets × candidates: the second candidate's heads are swapped into the loaded
+    model, and its samples equal those of a run that loads that checkpoint alone."""
+    common = ["--tasks", "arith", "--limit", "1", "--seeds", "1", "--samples", "2", "--max-tokens", "4",
+              "--wandb", "off", "--no-progress"]
+    both = tmp_path / "both"
+    assert main(["eval", "--model", str(training_run), "--decoding", "autodeco,autodeco-temp",
+                 "--out", str(both), *common]) == 0
+    err = capsys.readouterr().err
+    assert err.count("heads swapped into the loaded hf engine") == 1
+    for name in ("checkpoint-1", "final"):
+        results = sorted((both / f"train1-{name}").glob("results_*.json"))
+        keys = {json.loads(p.read_text())["config"]["decoding"]["key"] for p in results}
+        assert keys == {"autodeco", "autodeco-temp"}
+    alone = tmp_path / "alone"
+    assert main(["eval", "--model", str(training_run / "final"), "--decoding", "autodeco", "--out", str(alone),
+                 *common]) == 0
+    swapped = [r for r in samples_of(both / "train1-final") if r["decoding"] == "autodeco"]
+    fresh = samples_of(alone / "final")
+    first = [r for r in samples_of(both / "train1-checkpoint-1") if r["decoding"] == "autodeco"]
+    strip = lambda rows: [(r["response"], r["trace"]) for r in rows]  # noqa: E731
+    assert strip(swapped) == strip(fresh)
+    assert [r["trace"]["T"] for r in first] != [r["trace"]["T"] for r in fresh]  # other heads, other T
 
 
 @pytest.mark.slow

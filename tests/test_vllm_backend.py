@@ -176,3 +176,24 @@ def test_seeded_long_batch_without_chunked_prefill_crash(backend):
     a = sorted((c.key, c.sample_index, c.text) for c in backend.generate(requests))
     b = sorted((c.key, c.sample_index, c.text) for c in backend.generate(requests))
     assert len(a) == 16 and a == b
+
+
+@pytest.mark.slow
+def test_heads_swap_into_the_live_engine(backend, merged, reference, tmp_path_factory, smollm2_path):
+    """load_heads: another checkpoint's heads act at once (the 'greedy' fingerprint), and swapping
+    back restores the first checkpoint's T exactly; a plain model is never swapped into."""
+    greedy_heads = autodeco_checkpoint(tmp_path_factory, smollm2_path, "greedy")
+    base_greedy = Request("swap/0", PROMPT, get_preset("greedy"), seed=0, n=1, max_tokens=8)
+    sampled = Request("swap/0", PROMPT, get_preset("autodeco"), seed=4, n=2, max_tokens=8)
+    want = next(iter(backend.generate([base_greedy]))).text
+    try:
+        assert backend.load_heads(str(greedy_heads))
+        assert backend.model_path == str(greedy_heads)
+        texts = [c.text for c in backend.generate([sampled])]
+        assert texts == [want, want]  # P ~ 0: AutoDeco sampling is the base model's greedy output
+    finally:
+        assert backend.load_heads(str(merged))
+    (completion,) = list(backend.generate([Request("swap/1", PROMPT, get_preset("autodeco"), seed=1, n=1,
+                                                   max_tokens=1)]))
+    assert completion.temperatures[0] == pytest.approx(reference["temperature"], abs=1e-4)
+    assert not backend.load_heads(str(smollm2_path))

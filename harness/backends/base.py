@@ -72,5 +72,31 @@ class Backend:
                 f"decoding preset {preset.name!r} needs an AutoDeco model; {self.model_path} is a plain causal LM"
             )
 
+    def load_heads(self, model_path: str) -> bool:
+        """Swap in the heads of another AutoDeco checkpoint of the same base, without reloading.
+
+        True when done (``model_path`` then names the new checkpoint); False when this backend
+        or pair of checkpoints cannot (then the caller loads a fresh backend). Used to evaluate
+        every checkpoint of a training run on one engine.
+        """
+        return False
+
     def close(self) -> None:
         """Free the engine (optional)."""
+
+
+IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+
+
+def same_base_and_heads(path_a: str, path_b: str) -> bool:
+    """Both folders are AutoDeco checkpoints whose configs agree (same base, same head layout)."""
+    from harness.backends.hf import read_config
+
+    try:
+        a, b = read_config(path_a), read_config(path_b)
+    except BackendError:
+        return False
+    if a.get("model_type") != "autodeco" or b.get("model_type") != "autodeco":
+        return False
+    strip = lambda c: {k: v for k, v in c.items() if k not in IGNORED_CONFIG_KEYS}  # noqa: E731
+    return strip(a) == strip(b)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backends.base import Backend, BackendError, Completion, Request, sample_seed
+from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
 from harness.decoding import DecodingPreset
 
 
@@ -92,6 +92,19 @@ class HFBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+
+    def load_heads(self, model_path: str) -> bool:
+        if not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):
+            return False
+        from heads.checkpoint import head_tensors
+
+        tensors = head_tensors(model_path)
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        if unexpected or any(k.startswith(("temp_head.", "top_p_head.")) for k in missing):
+            raise BackendError(f"{model_path}: head tensors do not fit the loaded model "
+                               f"(unexpected {unexpected}, missing {[k for k in missing if 'head' in k]})")
+        self.model_path = str(model_path)
+        return True
 
     def generate(self, requests: list[Request]) -> Iterator[Completion]:
         for request in requests:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backends.base import Backend, BackendError, Completion, Request, sample_seed
+from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
 from harness.decoding import PROCESSORS
 
 EXTRA_KEY = "autodeco_extra"  # SamplingParams.extra_args: {"name": ..., "params": {...}}
@@ -207,6 +207,13 @@ def _set_heads(model, temperature: bool, top_p: bool) -> tuple[bool, bool]:
     return set_decoding(model, temperature=temperature, top_p=top_p)
 
 
+def _load_heads(model, tensors):
+    """Runs inside the worker (``LLM.apply_model``)."""
+    from heads.vllm_plugin import load_heads
+
+    return load_heads(model, tensors)
+
+
 # ---------------------------------------------------------------------------------------------
 # The backend
 
@@ -255,6 +262,20 @@ class VLLMBackend(Backend):
             self.heads = heads
         except Exception:  # engine in other processes without callable RPC: reload with overrides
             self._load(heads)
+
+    def load_heads(self, model_path: str) -> bool:
+        """Copies the new checkpoint's head tensors into the live engine's model (``apply_model``)."""
+        if self.llm is None or not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):
+            return False
+        from heads.checkpoint import head_tensors
+
+        tensors = head_tensors(model_path)
+        try:
+            self.llm.apply_model(functools.partial(_load_heads, tensors=tensors))
+        except Exception:  # engine in other processes without callable RPC: the caller reloads
+            return False
+        self.model_path = str(model_path)
+        return True
 
     def generate(self, requests: list[Request]) -> Iterator[Completion]:
         """Groups consecutive requests by heads setting; each group is one ``LLM.generate`` call."""
