@@ -41,6 +41,7 @@ from .modules import TempHead, TopPHead, features_from_stats
 from .nucleus import logit_stats, nucleus_from_stats
 
 HEAD_PREFIXES = ("temp_head.", "top_p_head.")
+FEATURE_BLOCK = 1 << 24  # logits per float32 block when computing the top-p head's features
 HEADS_FILE = "model.safetensors"
 LEGACY_HEADS_FILE = "autodeco_heads.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -307,15 +308,32 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         h = hidden.reshape(-1, hidden.shape[-1])
         temperature = self.temp_head(h)
         z = stats = features = None
-        if self.top_p_head.use_enhanced_features or need_stats:
+        enhanced = self.top_p_head.use_enhanced_features
+        if need_stats:  # decoding: z and its statistics are reused by ÷T and the nucleus
             with torch.no_grad():
-                x = base_logits.reshape(-1, vocab).float()
-                z = x / temperature.detach().float().clamp_min(1e-6).unsqueeze(-1)
-                stats = logit_stats(z, moments=self.top_p_head.use_enhanced_features)
-                if self.top_p_head.use_enhanced_features:
-                    features = features_from_stats(stats)
+                z = base_logits.reshape(-1, vocab).float() / temperature.detach().float().clamp_min(1e-6).unsqueeze(-1)
+                stats = logit_stats(z, moments=enhanced)
+                features = features_from_stats(stats) if enhanced else None
+        elif enhanced:  # training / tracing: only the features, a bounded block of rows at a time
+            features = self._features(base_logits.reshape(-1, vocab), temperature.detach())
         top_p = self.top_p_head(h, temperature.detach(), features)
         return temperature.reshape(lead), top_p.reshape(lead), z, stats
+
+    @torch.no_grad()
+    def _features(self, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Features of softmax(logits / T) for rows [N, V], FEATURE_BLOCK logits per float32 pass.
+
+        One pass over all rows holds several float32 copies of the logits (1.5 GiB extra measured
+        for 4096 × 49152 bf16 logits; ~19 GiB at the paper's 16k × 152k); in blocks the extra stays
+        ~0.3 GiB whatever the length.
+        """
+        rows = max(1, FEATURE_BLOCK // logits.shape[-1])
+        out = []
+        for start in range(0, logits.shape[0], rows):
+            t = temperature[start : start + rows].float().clamp_min(1e-6).unsqueeze(-1)
+            z = logits[start : start + rows].float() / t  # a new tensor: the caller's logits stay intact
+            out.append(features_from_stats(logit_stats(z, moments=True)))
+        return torch.cat(out) if out else logits.new_zeros((0, 4), dtype=torch.float32)
 
     def forward(
         self,

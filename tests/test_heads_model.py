@@ -145,6 +145,34 @@ def test_trace_and_heads_forward_train_only_heads():
     assert all(param.grad is None for param in model.llm.parameters())
 
 
+def test_features_in_blocks_equal_one_pass(monkeypatch):
+    """heads_forward computes the top-p head's features a few rows at a time (bounded memory at
+    paper scale); blocks of 1 and 7 rows give what one pass over all rows gives, and bf16 base
+    logits are left untouched."""
+    import heads.model as hm
+    from heads.modules import distribution_features
+
+    model = tiny_autodeco("llama")
+    ids = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        hidden, logits, _ = model.base_forward(ids)
+        t_ref = model.temp_head(hidden)
+        want = distribution_features(logits, t_ref)
+        p_ref = model.top_p_head(hidden.reshape(-1, 32), t_ref.reshape(-1), want.reshape(-1, 4)).reshape(2, 13)
+    for rows in (1, 7, 1000):
+        monkeypatch.setattr(hm, "FEATURE_BLOCK", rows * 300)
+        got = model._features(logits.reshape(-1, 300), t_ref.reshape(-1))
+        torch.testing.assert_close(got, want.reshape(-1, 4), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            t, p = model.heads_forward(hidden, logits)
+        torch.testing.assert_close(t, t_ref)
+        torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    half = logits.bfloat16()
+    before = half.clone()
+    model._features(half.reshape(-1, 300), t_ref.reshape(-1))
+    assert torch.equal(half, before)
+
+
 def test_save_load_heads_roundtrip(tmp_path):
     model = saved_heads(tmp_path)
     files = sorted(os.listdir(tmp_path / "heads"))
