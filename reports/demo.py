@@ -82,13 +82,14 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
     data = out / "data" / "train.jsonl"
 
     def evaluate_all():
-        for method in METHODS:
-            model = MODEL if method in ("greedy", "default") else str(trained)
-            autodeco(eval_args(cfg, model, IN_DOMAIN, method, runs, cfg.eval_limit))
+        # One model load per (model, task set): the presets of a model share its engine.
+        base, ours = ",".join(METHODS[:2]), ",".join(METHODS[2:])
+        autodeco(eval_args(cfg, MODEL, IN_DOMAIN, base, runs, cfg.eval_limit))
+        autodeco(eval_args(cfg, str(trained), IN_DOMAIN, ours, runs, cfg.eval_limit))
         if cfg.bench_tasks:
-            for method in ("greedy", "default", "autodeco"):
-                model = MODEL if method != "autodeco" else str(trained)
-                autodeco(eval_args(cfg, model, ",".join(cfg.bench_tasks), method, runs, cfg.bench_limit))
+            tasks = ",".join(cfg.bench_tasks)
+            autodeco(eval_args(cfg, MODEL, tasks, base, runs, cfg.bench_limit))
+            autodeco(eval_args(cfg, str(trained), tasks, "autodeco", runs, cfg.bench_limit))
 
     def reports():
         from reports.index import Inputs, Options, run_all, write_index

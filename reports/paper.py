@@ -1,6 +1,7 @@
 """The paper's published numbers (reports/paper_numbers.json) as tables, and ours-vs-paper deltas.
 
-The JSON stores only numbers read in a cited source (see its `sources` and `not_found`).
+The JSON stores only numbers read in a cited source (see its `sources` and `not_found`); where
+several sources hold a cell, `source_order` says which wins (the paper's full text first).
 Task names of this harness map to the paper's benchmark columns through `PAPER_COLUMN`;
 the paper's "AIME" is AIME24 and AIME25 together, so it maps from the mean of both.
 """
@@ -45,11 +46,13 @@ def paper_table(key: str, name: str) -> Table:
 
 
 def paper_value(key: str, model: str, method: str, column: str, k: int | None = None) -> tuple[float, str] | None:
-    """(value, source) of one published cell, preferring source A; None if not published."""
+    """(value, source) of one published cell from the most primary source holding it (``source_order``:
+    the paper's own text first, then the transcriptions); None if not published."""
+    order = load_paper().get("source_order") or sorted(load_paper()["sources"])
     matches = [r for r in load_paper()[key]["rows"]
                if r["model"] == model and r["method"] == method and column in r["values"]
                and (k is None or r.get("k") == k)]
-    matches.sort(key=lambda r: r["source"])
+    matches.sort(key=lambda r: order.index(r["source"]) if r["source"] in order else len(order))
     return (matches[0]["values"][column], matches[0]["source"]) if matches else None
 
 

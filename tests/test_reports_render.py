@@ -76,9 +76,11 @@ def test_paper_numbers_cite_a_source_for_every_row():
     assert data["not_found"], "say which cells could not be found"
 
 
-def test_paper_value_prefers_source_a_and_averages_agree_within_source_b():
+def test_paper_value_prefers_the_full_text_and_averages_agree_within_source_b():
     value, source = paper.paper_value("table1", "Llama-Nemotron-8B", "autodeco", "Avg.")
-    assert (value, source) == (46.05, "A")
+    assert (value, source) == (46.05, "P")  # the arXiv v2 full text wins over A (same value) and B (47.05)
+    assert paper.paper_value("table1", "Llama-Nemotron-8B", "autodeco", "AIME") == (55.43, "P")
+    assert set(paper.load_paper()["source_order"]) == set(paper.load_paper()["sources"])
     for row in paper.load_paper()["table1"]["rows"]:  # B's rows carry their own averages
         if row["source"] == "B":
             cells = [v for k, v in row["values"].items() if k != "Avg."]
@@ -89,11 +91,11 @@ def test_paper_delta_table_maps_tasks_to_paper_columns():
     ours = {("ours-7b", "autodeco"): {"aime24": 40.0, "aime25": 50.0, "brumo25": 60.0, "arith": 9.0}}
     table = paper.delta_table("table1", "d", ours, {"ours-7b": "Llama-Nemotron-8B"})
     rows = {r[3]: r for r in table.rows}
-    assert rows["AIME"][4:7] == [45.0, 56.07, pytest.approx(45.0 - 56.07)]  # only B has per-benchmark cells
+    assert rows["AIME"][4:8] == [45.0, 55.43, pytest.approx(45.0 - 55.43), "P"]  # AIME = mean of 24 and 25
     assert "Avg." not in rows  # HMMT25 and BeyondAIME missing: no average against the paper's
     ours[("ours-7b", "autodeco")].update(hmmt25=20.0, beyondaime=30.0)
     rows = {r[3]: r for r in paper.delta_table("table1", "d", ours, {"ours-7b": "Llama-Nemotron-8B"}).rows}
-    assert rows["Avg."][4:] == [pytest.approx(38.75), 46.05, pytest.approx(38.75 - 46.05), "A"]
+    assert rows["Avg."][4:] == [pytest.approx(38.75), 46.05, pytest.approx(38.75 - 46.05), "P"]
 
 
 def test_pass_at_k_and_error_reduction():
@@ -136,5 +138,7 @@ def test_demo_commands_parse_with_the_real_cli(tmp_path, monkeypatch):
     commands = [argv[0] if argv[0] not in ("data", "bench") else " ".join(argv[:2]) for argv in issued]
     assert commands[:4] == ["model", "construct", "data reject-sample", "train"]
     evals = [argv for argv in issued if argv[0] == "eval"]
-    assert {argv[argv.index("--decoding") + 1] for argv in evals} == set(demo.METHODS)
+    presets = {p for argv in evals for p in argv[argv.index("--decoding") + 1].split(",")}
+    assert presets == set(demo.METHODS)
+    assert len(evals) == 5  # one model load per (model, task set), one for all training candidates
     assert "sweep" in commands and "bench efficiency" in commands
