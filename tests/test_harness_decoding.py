@@ -9,7 +9,15 @@ import torch
 
 from harness.backends import sample_seed
 from harness.backends.hf import RowSampler
-from harness.decoding import PRESETS, PresetError, get_preset, min_p_filter, parse_spec, parse_specs, top_p_filter
+from harness.decoding import (
+    PRESETS,
+    PresetError,
+    get_preset,
+    min_p_filter,
+    parse_spec,
+    parse_specs,
+    top_p_filter,
+)
 
 PAPER_PRESETS = {"greedy", "default", "static", "autodeco", "autodeco-temp", "autodeco-top-p",
                  "min-p", "top-n-sigma", "edt", "eta"}
