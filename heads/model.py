@@ -150,6 +150,23 @@ def _kept(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
     return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
 
 
+@torch.no_grad()
+def block_features(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Features of softmax(logits / T) for rows [N, V], FEATURE_BLOCK logits per float32 pass.
+
+    One pass over all rows holds several float32 copies of the logits (1.5 GiB extra measured
+    for 4096 × 49152 bf16 logits; ~19 GiB at the paper's 16k × 152k); in blocks the extra stays
+    ~0.3 GiB whatever the length.
+    """
+    rows = max(1, FEATURE_BLOCK // logits.shape[-1])
+    out = []
+    for start in range(0, logits.shape[0], rows):
+        t = temperature[start : start + rows].float().clamp_min(1e-6).unsqueeze(-1)
+        z = logits[start : start + rows].float() / t  # a new tensor: the caller's logits stay intact
+        out.append(features_from_stats(logit_stats(z, moments=True)))
+    return torch.cat(out) if out else logits.new_zeros((0, 4), dtype=torch.float32)
+
+
 class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
     """A frozen causal LM (``self.llm``) plus ``temp_head`` and ``top_p_head``."""
 
@@ -315,25 +332,9 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
                 stats = logit_stats(z, moments=enhanced)
                 features = features_from_stats(stats) if enhanced else None
         elif enhanced:  # training / tracing: only the features, a bounded block of rows at a time
-            features = self._features(base_logits.reshape(-1, vocab), temperature.detach())
+            features = block_features(base_logits.reshape(-1, vocab), temperature.detach())
         top_p = self.top_p_head(h, temperature.detach(), features)
         return temperature.reshape(lead), top_p.reshape(lead), z, stats
-
-    @torch.no_grad()
-    def _features(self, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """Features of softmax(logits / T) for rows [N, V], FEATURE_BLOCK logits per float32 pass.
-
-        One pass over all rows holds several float32 copies of the logits (1.5 GiB extra measured
-        for 4096 × 49152 bf16 logits; ~19 GiB at the paper's 16k × 152k); in blocks the extra stays
-        ~0.3 GiB whatever the length.
-        """
-        rows = max(1, FEATURE_BLOCK // logits.shape[-1])
-        out = []
-        for start in range(0, logits.shape[0], rows):
-            t = temperature[start : start + rows].float().clamp_min(1e-6).unsqueeze(-1)
-            z = logits[start : start + rows].float() / t  # a new tensor: the caller's logits stay intact
-            out.append(features_from_stats(logit_stats(z, moments=True)))
-        return torch.cat(out) if out else logits.new_zeros((0, 4), dtype=torch.float32)
 
     def forward(
         self,

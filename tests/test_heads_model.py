@@ -161,7 +161,7 @@ def test_features_in_blocks_equal_one_pass(monkeypatch):
         p_ref = model.top_p_head(hidden.reshape(-1, 32), t_ref.reshape(-1), want.reshape(-1, 4)).reshape(2, 13)
     for rows in (1, 7, 1000):
         monkeypatch.setattr(hm, "FEATURE_BLOCK", rows * 300)
-        got = model._features(logits.reshape(-1, 300), t_ref.reshape(-1))
+        got = hm.block_features(logits.reshape(-1, 300), t_ref.reshape(-1))
         torch.testing.assert_close(got, want.reshape(-1, 4), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             t, p = model.heads_forward(hidden, logits)
@@ -169,7 +169,7 @@ def test_features_in_blocks_equal_one_pass(monkeypatch):
         torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
     half = logits.bfloat16()
     before = half.clone()
-    model._features(half.reshape(-1, 300), t_ref.reshape(-1))
+    hm.block_features(half.reshape(-1, 300), t_ref.reshape(-1))
     assert torch.equal(half, before)
 
 
