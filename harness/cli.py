@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "heads.train_cli",  # train, data reject-sample
     "tasks.cli",        # tasks list/show/prepare, grade
     "harness.run_cli",  # eval, sweep
+    "harness.steer_cli",  # steer (T/P by natural-language commands)
     "reports.cli",      # report <kind>, demo
 )
 

@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-REPORT_KINDS = ("pass1", "passk", "oracle", "ablation", "efficiency", "traces", "training", "compare", "all")
+REPORT_KINDS = ("pass1", "passk", "oracle", "ablation", "efficiency", "traces", "steering", "training", "compare",
+                "all")
 
 REPORT_HELP = """\
 Regenerate the paper's tables and figures from result files (never from the runner):
@@ -19,6 +20,8 @@ Regenerate the paper's tables and figures from result files (never from the runn
   ablation    Figure 4: default vs temp head only vs top-p head only vs both
   efficiency  Table 3 + plot from efficiency.json (`autodeco bench efficiency`)
   traces      Figure 5: per-token predicted T and P from the samples files' traces
+  steering    Table 4 + Figure 5: T/P under natural-language commands (steer_*.json from
+              `autodeco steer`) next to the paper's Table 4
   training    Figure 6: loss curves (log_history.jsonl) + evaluated checkpoint candidates
   compare     one table and one plot comparing any set of runs
   all         every kind that has inputs, plus index.md
@@ -141,7 +144,7 @@ def register(subparsers) -> None:
     report.add_argument("kind", choices=REPORT_KINDS, help="which table/figure (see above)")
     report.add_argument("--runs", nargs="+", metavar="DIR",
                         help="folders (searched recursively) with results_*.json, samples_*.jsonl, "
-                             "sweep_summary_*.json, efficiency.json, log_history.jsonl")
+                             "sweep_summary_*.json, efficiency.json, log_history.jsonl, steer_*.json")
     report.add_argument("--wandb", action="append", metavar="SRC",
                         help="W&B evaluation runs as rows: a wandb/offline-run-* folder, a folder holding "
                              "runs (searched recursively), or entity/project[/run_id] (W&B API); "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from reports.ablation import report_ablation
@@ -13,6 +13,7 @@ from reports.oracle import report_oracle
 from reports.pass1 import report_pass1
 from reports.passk import report_passk
 from reports.runs import Run, Sweep, find_runs, find_sweeps
+from reports.steering import find_steering, report_steering
 from reports.traces import report_traces
 from reports.training import report_training
 
@@ -24,6 +25,8 @@ class Inputs:
     dirs: list[Path]
     runs: list[Run]
     sweeps: list[Sweep]
+    steering: list[Path] = field(default_factory=list)  # steer_*.json (`autodeco steer`)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def scan(cls, dirs: list[str | Path], aliases: dict[str, str] | None = None) -> Inputs:
@@ -33,7 +36,7 @@ class Inputs:
         runs, sweeps = find_runs(dirs), find_sweeps(dirs)
         for item in [*runs, *sweeps]:
             item.model_name = (aliases or {}).get(item.model_name, item.model_name)
-        return cls(dirs, runs, sweeps)
+        return cls(dirs, runs, sweeps, find_steering(dirs), dict(aliases or {}))
 
     @property
     def eval_runs(self) -> list[Run]:
@@ -67,6 +70,8 @@ REPORTS: dict[str, tuple[str, Callable[[Inputs, Path, Options], list[Path]]]] = 
                    lambda i, o, opt: report_efficiency(i.dirs, o)),
     "traces": ("Figure 5: predicted T and P along generations",
                lambda i, o, opt: report_traces(i.eval_runs, o, opt.max_lines)),
+    "steering": ("Table 4 + Figure 5: steering T/P by natural-language commands",
+                 lambda i, o, opt: report_steering(i.steering, o, i.aliases)),
     "training": ("Figure 6: training curves and candidate checkpoints",
                  lambda i, o, opt: report_training(i.dirs, i.runs, o)),
     "compare": ("Comparison of all runs",
