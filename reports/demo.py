@@ -7,7 +7,8 @@ bar. Outputs land in one folder:
     <out>/autodeco-init/      constructed AutoDeco (untrained heads)
     <out>/data/train.jsonl    reject-sampled training data (arith train split)
     <out>/train/              trainer output: checkpoint-<step>/, final/, log_history.jsonl
-    <out>/runs/               eval + sweep results (results_*.json, samples_*.jsonl, sweep summaries)
+    <out>/runs/               eval + sweep results (results_*.json, samples_*.jsonl, sweep summaries),
+                              steering measurements (steer_*.json)
     <out>/candidates/         every training checkpoint evaluated on the validation split
     <out>/efficiency/         efficiency.json
     <out>/reports/            every table and figure + index.md
@@ -43,6 +44,7 @@ class DemoConfig:
     bench_tasks: list[str] = field(default_factory=lambda: ["aime24", "mmlu_pro"])
     bench_limit: int = 2
     sweep_grid: str = "0.4:1.0:0.6"
+    steer_prompts: int = 12
     data_dir: str | None = None
     backend: str = "vllm"
 
@@ -122,6 +124,9 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
         ("efficiency bench", lambda: autodeco(
             ["bench", "efficiency", "--model", MODEL, "--heads", str(trained), "--prompt-lengths", "128,512",
              "--gen-tokens", "16", "--repeats", "2", "--out", str(out / "efficiency" / "efficiency.json")])),
+        ("steering: T/P under natural-language commands (Table 4)", lambda: autodeco(
+            ["steer", "--model", str(trained), "--limit", str(cfg.steer_prompts), "--max-tokens", "48",
+             "--backend", cfg.backend, "--out", str(runs)])),
         ("write every report + index.md", reports),
     ]
 
