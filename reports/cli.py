@@ -93,7 +93,8 @@ def cmd_demo(args) -> int:
                         train_steps=args.train_steps, eval_limit=args.eval_limit, seeds=args.seeds,
                         samples=args.samples, max_tokens=args.max_tokens, bench_limit=args.bench_limit,
                         bench_tasks=args.bench_tasks.split(",") if args.bench_tasks else [],
-                        sweep_grid=args.sweep_grid, data_dir=args.data_dir, backend=args.backend)
+                        sweep_grid=args.sweep_grid, steer_prompts=args.steer_prompts, data_dir=args.data_dir,
+                        backend=args.backend)
     from harness.cli import CLIError
     from reports.demo import DemoStepFailed
 
@@ -174,7 +175,9 @@ def register(subparsers) -> None:
         description="Prepare SmolLM2, construct AutoDeco, reject-sample training data on the synthetic "
                     "arith task, train the heads, evaluate greedy/default/autodeco (+ ablations) on the "
                     "held-out arith split and a slice of the real benchmarks, run a small oracle sweep, "
-                    "and write every report with an index.md. Numbers are whatever is measured.")
+                    "evaluate every training checkpoint, measure efficiency and steering by commands, "
+                    "and write every report with an index.md. Numbers are whatever is measured "
+                    "(about 24 min on 2 idle CPU cores with the defaults).")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     demo.add_argument("--train-problems", type=int, default=d.train_problems, help="arith train problems to sample")
     demo.add_argument("--reject-samples", type=int, default=d.reject_samples, help="samples per train problem")
@@ -189,6 +192,8 @@ def register(subparsers) -> None:
                       help="real benchmarks for the slice (comma-separated; empty to skip)")
     demo.add_argument("--bench-limit", type=int, default=d.bench_limit, help="problems per real benchmark")
     demo.add_argument("--sweep-grid", default=d.sweep_grid, help="oracle grid for T and P (start:stop:step)")
+    demo.add_argument("--steer-prompts", type=int, default=d.steer_prompts,
+                      help="prompts of configs/steer/default.yaml run under each steering command")
     demo.add_argument("--data-dir", help="local benchmark files (else $AUTODECO_DATA_DIR, else the hub)")
     demo.add_argument("--backend", default=d.backend, choices=("hf", "vllm"), help="generation backend")
     demo.set_defaults(func=cmd_demo)
