@@ -13,6 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 from harness.cli import CLIError
@@ -242,27 +243,38 @@ def cmd_eval(args) -> int:
         for spec in specs:  # refuse a conflicting output dir before loading any model
             check_output(args.out, spec[0])
 
-        backend = None
-        try:
-            for target_specs in specs:
-                path = target_specs[0].model_path
-                if backend is None or not backend.load_heads(path):
-                    if backend is not None:
-                        backend.close()
-                        backend = None
-                    backend = _backend(args.backend, path, options)
-                else:
-                    print(f"{path}: heads swapped into the loaded {args.backend} engine", file=sys.stderr)
+        paths = [target_specs[0].model_path for target_specs in specs]
+        with closing(loaded_in_turn(paths, args.backend, options)) as backends:
+            for target_specs, backend in zip(specs, backends, strict=True):
                 for spec in target_specs:
-                    result = evaluate(backend, tasks, spec, args.out, tracker_factory=_tracker_factory(args, "eval"),
-                                      progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+                    result = evaluate(backend, tasks, spec, args.out, progress=not args.no_progress,
+                                      tracker_factory=_tracker_factory(args, "eval"),
+                                      log=lambda m: print(m, file=sys.stderr))
                     _print_results(result)
-        finally:
-            if backend is not None:
-                backend.close()
         return 0
 
     return _run_guarded(body)
+
+
+def loaded_in_turn(paths: list[str], backend_name: str, options: dict):
+    """Yield a backend serving each model path in turn: where the loaded engine can take the next
+    checkpoint's heads in place (``Backend.load_heads``) it is reused, else it is closed and the
+    next model loaded. The last backend is closed when the generator is closed (use
+    ``contextlib.closing``), so a failure in the caller's loop frees the engine too."""
+    backend = None
+    try:
+        for path in paths:
+            if backend is not None and backend.load_heads(path):
+                print(f"{path}: heads swapped into the loaded {backend_name} engine", file=sys.stderr)
+            else:
+                if backend is not None:
+                    backend.close()
+                    backend = None
+                backend = _backend(backend_name, path, options)
+            yield backend
+    finally:
+        if backend is not None:
+            backend.close()
 
 
 def _print_results(path: Path) -> None:

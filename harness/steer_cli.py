@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import closing
 
 from harness.cli import CLIError
 
@@ -26,7 +27,7 @@ A training run folder measures every checkpoint-*/ and final/ (one file each).
 def cmd_steer(args) -> int:
     from harness import steer
     from harness.backends import BackendError
-    from harness.run_cli import _backend, _parse_backend_args, _targets
+    from harness.run_cli import _parse_backend_args, _targets, loaded_in_turn
 
     try:
         config = steer.load_config(args.config or steer.DEFAULT_CONFIG)
@@ -43,13 +44,9 @@ def cmd_steer(args) -> int:
     for path, _, _ in targets:  # refuse a plain model before loading anything
         _require_autodeco(path)
 
-    backend = None
-    try:
-        for path, name, _ in targets:
-            if backend is None or not backend.load_heads(path):
-                if backend is not None:
-                    backend.close()
-                backend = _backend(args.backend, path, options)
+    paths = [path for path, _, _ in targets]
+    with closing(loaded_in_turn(paths, args.backend, options)) as backends:
+        for (path, name, _), backend in zip(targets, backends, strict=True):
             print(f"steer {name}: {len(config.prompts)} prompts × {len(config.commands)} commands × "
                   f"{len(seeds)} seeds, {max_tokens} tokens, {args.backend}", file=sys.stderr)
             try:
@@ -61,9 +58,6 @@ def cmd_steer(args) -> int:
             config_block = steer.run_config(args.model, path, name, args.backend, config, seeds, max_tokens)
             out = steer.write_steering(args.out, config_block, measured)
             _print_summary(name, measured["summary"], out)
-    finally:
-        if backend is not None:
-            backend.close()
     return 0
 
 

@@ -97,12 +97,12 @@ class HFBackend(Backend):
         if not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):
             return False
         from heads.checkpoint import head_tensors
+        from heads.model import CheckpointError
 
-        tensors = head_tensors(model_path)
-        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
-        if unexpected or any(k.startswith(("temp_head.", "top_p_head.")) for k in missing):
-            raise BackendError(f"{model_path}: head tensors do not fit the loaded model "
-                               f"(unexpected {unexpected}, missing {[k for k in missing if 'head' in k]})")
+        try:
+            self.model.load_heads(head_tensors(model_path), source=str(model_path))
+        except CheckpointError as err:
+            raise BackendError(str(err)) from None
         self.model_path = str(model_path)
         return True
 
