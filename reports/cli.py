@@ -54,16 +54,12 @@ def cmd_report(args) -> int:
 
     if not args.runs and not args.wandb:
         raise CLIError("give --runs DIR... and/or --wandb SRC (see `autodeco report --help`)")
-    aliases = _pairs(args.alias, "--alias")
     try:
-        inputs = Inputs.scan(args.runs or [], aliases)
+        inputs = Inputs.scan(args.runs or [], _pairs(args.alias, "--alias"))
         if args.wandb:
             from reports.wandb_runs import find_wandb_runs
 
-            logged = find_wandb_runs(args.wandb, note=lambda line: print(line, file=sys.stderr))
-            for run in logged:
-                run.model_name = aliases.get(run.model_name, run.model_name)
-            inputs.runs.extend(logged)
+            inputs.add_runs(find_wandb_runs(args.wandb, note=lambda line: print(line, file=sys.stderr)))
     except ReportInputError as err:
         raise CLIError(str(err)) from err
     options = Options(tasks=args.tasks.split(",") if args.tasks else None, paper=args.paper,

@@ -33,10 +33,17 @@ class Inputs:
         """Find every input; `aliases` renames models (e.g. an AutoDeco folder → its base model's
         name, so AutoDeco rows sit in the base model's block as in the paper's tables)."""
         dirs = [Path(d) for d in dirs]
-        runs, sweeps = find_runs(dirs), find_sweeps(dirs)
-        for item in [*runs, *sweeps]:
-            item.model_name = (aliases or {}).get(item.model_name, item.model_name)
-        return cls(dirs, runs, sweeps, find_steering(dirs), dict(aliases or {}))
+        inputs = cls(dirs, [], find_sweeps(dirs), find_steering(dirs), dict(aliases or {}))
+        inputs.add_runs(find_runs(dirs))
+        for sweep in inputs.sweeps:
+            sweep.model_name = inputs.aliases.get(sweep.model_name, sweep.model_name)
+        return inputs
+
+    def add_runs(self, runs: list[Run]) -> None:
+        """Append runs from any source (results files, W&B), renamed by the aliases."""
+        for run in runs:
+            run.model_name = self.aliases.get(run.model_name, run.model_name)
+        self.runs.extend(runs)
 
     @property
     def eval_runs(self) -> list[Run]:

@@ -8,6 +8,7 @@ numbers; tests check they equal the recomputation).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -224,11 +225,12 @@ def find_sweeps(dirs: list[str | Path]) -> list[Sweep]:
 
 
 def find_files(dirs: list[str | Path], name: str) -> list[Path]:
-    """Files called `name` under the folders (or the folders themselves if they are such files)."""
+    """Files whose name matches `name` (a file name or a glob such as `steer_*.json`) under the
+    folders, or the given paths themselves if they are such files."""
     found: list[Path] = []
     for d in dirs:
         d = Path(d)
-        if d.is_file() and d.name == name:
+        if d.is_file() and fnmatch.fnmatch(d.name, name):
             found.append(d)
         elif d.is_dir():
             found.extend(sorted(d.rglob(name)))

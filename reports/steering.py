@@ -13,14 +13,13 @@ Several files get one traces/deltas figure each (suffixed with the model name).
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 from pathlib import Path
 
 from reports.paper import load_paper
 from reports.render import Table, new_figure, save_figure, write_table
-from reports.runs import ReportInputError
+from reports.runs import ReportInputError, find_files
 
 STEER_GLOB = "steer_*.json"
 # our command name -> the paper's Table 4 keys (value, consistency) and its column header
@@ -34,13 +33,7 @@ REQUIRED_CONFIG = ("model_name", "baseline", "commands", "seeds", "max_tokens", 
 
 def find_steering(dirs: list[str | Path]) -> list[Path]:
     """steer_*.json files under the folders (or given directly)."""
-    found: set[Path] = set()
-    for d in map(Path, dirs):
-        if d.is_file() and fnmatch.fnmatch(d.name, STEER_GLOB):
-            found.add(d)
-        elif d.is_dir():
-            found.update(d.rglob(STEER_GLOB))
-    return sorted(found)
+    return sorted(set(find_files(dirs, STEER_GLOB)))
 
 
 def load_steering(path: Path) -> dict:
