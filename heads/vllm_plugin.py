@@ -40,6 +40,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from heads.checkpoint import head_tensors
+from heads.model import AutoDecoConfig, decode
+from heads.modules import TempHead, TopPHead
+
 ARCHITECTURE = "AutoDecoModelForCausalLM"
 MODEL_TYPE = "autodeco"
 HEAD_PREFIXES = ("temp_head.", "top_p_head.")
@@ -70,8 +74,6 @@ def register() -> None:
 def register_config() -> None:
     """Make ``AutoConfig`` parse ``model_type: autodeco`` without ``trust_remote_code``."""
     from transformers import AutoConfig
-
-    from heads.model import AutoDecoConfig
 
     try:
         AutoConfig.register(MODEL_TYPE, AutoDecoConfig, exist_ok=True)
@@ -138,14 +140,11 @@ def heads_enabled(config) -> tuple[bool, bool]:
 class AutoDecoHeads:
     """Mixin placed before vLLM's base class: adds the heads and the dynamic-decoding logits.
 
-    The heads' math is the HF model's own (``AutoDecoModelForCausalLM._heads`` and
-    ``._dynamic_logits``, called with this model as ``self``): same attributes (``temp_head``,
-    ``top_p_head``, ``decode_temperature``, ``decode_top_p``), same float32 computation.
+    The heads' math is the HF model's own function, ``heads.model.decode``, on this model's
+    ``temp_head`` and ``top_p_head`` (same modules, same float32 computation).
     """
 
     def _init_heads(self, config) -> None:
-        from heads.modules import TempHead, TopPHead
-
         width = int(getattr(config, "head_width", 256))
         enhanced = bool(getattr(config, "use_enhanced_features", True))
         hidden_t = int(getattr(config, "temperature_hidden_size", None) or config.hidden_size)
@@ -208,8 +207,6 @@ class AutoDecoWorkerExtension:
         return set_decoding(self.get_model(), temperature, top_p)
 
     def autodeco_load_heads(self, path: str) -> int:
-        from heads.checkpoint import head_tensors
-
         return load_heads(self.get_model(), head_tensors(path))
 
 
@@ -241,14 +238,10 @@ def apply_heads(model: AutoDecoHeads, hidden: torch.Tensor, base_logits: torch.T
     temperature head acts) and the exact nucleus at P (if the top-p head acts), in float32.
     Both switches off: the base logits, untouched, and no T/P.
     """
-    from heads.model import AutoDecoModelForCausalLM as HF
-
     if not (model.decode_temperature or model.decode_top_p):
         return base_logits, None, None
-    need_stats = model.decode_temperature and model.decode_top_p
-    temperature, top_p, z, stats = HF._heads(model, hidden, base_logits, need_stats=need_stats)
-    logits = HF._dynamic_logits(model, base_logits, temperature, top_p, z, stats)
-    return logits, temperature, top_p
+    return decode(model.temp_head, model.top_p_head, hidden, base_logits,
+                  use_temperature=model.decode_temperature, use_top_p=model.decode_top_p)
 
 
 _CLASSES: dict[type, type] = {}
@@ -298,14 +291,51 @@ class AutoDecoForCausalLM(nn.Module):
 # Per-token T/P side channel
 
 
-def _trace_processor_base():
+def _logits_processor_base():
     from vllm.v1.sample.logits_processor import LogitsProcessor
 
     return LogitsProcessor
 
 
-class TraceRecorder(_trace_processor_base()):
-    """vLLM V1 logits processor that records (T, P) per generated token; leaves logits unchanged.
+class RowStateProcessor(_logits_processor_base()):
+    """A vLLM V1 logits processor that keeps one state per row of vLLM's persistent batch.
+
+    vLLM tells a processor which rows were added, removed and moved between steps
+    (``update_state``); this class does that bookkeeping once, for ``TraceRecorder`` here and the
+    backend's ``PresetProcessor``. Subclasses say what a new request's state is (``row_state``;
+    None: the row needs nothing) and read ``self.rows`` {batch index: state} in ``apply``.
+    """
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.rows: dict[int, object] = {}
+
+    def row_state(self, extra_args: dict, output_ids: list[int]) -> object | None:
+        raise NotImplementedError
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # vLLM then calls it on greedy batches too, before temperature
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, _prompt, output_ids in batch_update.added:
+            state = self.row_state((params.extra_args or {}) if params is not None else {}, output_ids)
+            if state is not None:
+                self.rows[index] = state
+            else:
+                self.rows.pop(index, None)
+        for a, b, direction in batch_update.moved:
+            entry_a, entry_b = self.rows.pop(a, None), self.rows.pop(b, None)
+            if entry_a is not None:
+                self.rows[b] = entry_a
+            if entry_b is not None and direction.name == "SWAP":
+                self.rows[a] = entry_b
+
+
+class TraceRecorder(RowStateProcessor):
+    """Records (T, P) per generated token; leaves the logits unchanged.
 
     Enabled per request by ``extra_args={"autodeco_trace": dir, "autodeco_request": name}``.
     At each step it pairs the batch rows with ``LAST_STEP`` (same process, same step) and appends
@@ -314,37 +344,18 @@ class TraceRecorder(_trace_processor_base()):
     (``read_traces`` keeps the last line per position).
     """
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.requests: dict[int, tuple[str, str, list[int]]] = {}  # batch index -> (dir, name, output ids)
-
-    def is_argmax_invariant(self) -> bool:
-        return False  # so vLLM calls it on greedy batches too (it never changes the logits)
-
-    def update_state(self, batch_update) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.requests.pop(index, None)
-        for index, params, _prompt, output_ids in batch_update.added:
-            extra = (params.extra_args or {}) if params is not None else {}
-            if extra.get(TRACE_KEY):
-                self.requests[index] = (extra[TRACE_KEY], str(extra.get(REQUEST_KEY, "")), output_ids)
-            else:
-                self.requests.pop(index, None)
-        for a, b, direction in batch_update.moved:
-            entry_a, entry_b = self.requests.pop(a, None), self.requests.pop(b, None)
-            if entry_a is not None:
-                self.requests[b] = entry_a
-            if entry_b is not None and direction.name == "SWAP":
-                self.requests[a] = entry_b
+    def row_state(self, extra_args: dict, output_ids: list[int]) -> tuple[str, str, list[int]] | None:
+        if not extra_args.get(TRACE_KEY):
+            return None
+        return extra_args[TRACE_KEY], str(extra_args.get(REQUEST_KEY, "")), output_ids
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         temperature, top_p = LAST_STEP["temperature"], LAST_STEP["top_p"]
-        if not self.requests or (temperature is None and top_p is None):
+        if not self.rows or (temperature is None and top_p is None):
             return logits
         rows = logits.shape[0]
         by_dir: dict[str, list[str]] = {}
-        for index, (folder, name, output_ids) in self.requests.items():
+        for index, (folder, name, output_ids) in self.rows.items():
             if index >= rows:
                 continue
             line = {

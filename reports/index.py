@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.core.files import atomic_write
 from reports.ablation import report_ablation
 from reports.compare import report_compare
 from reports.efficiency import report_efficiency
@@ -63,27 +64,82 @@ class Options:
     max_lines: int = 6
 
 
-# name -> (title, function(inputs, out, options) -> paths)
-REPORTS: dict[str, tuple[str, Callable[[Inputs, Path, Options], list[Path]]]] = {
-    "pass1": ("Tables 1-2: Pass@1 by model × method",
-              lambda i, o, opt: report_pass1(i.eval_runs, i.sweeps, o, opt.tasks, opt.paper, opt.paper_model)),
-    "passk": ("Tables 5-7: Pass@k and relative error reduction",
-              lambda i, o, opt: report_passk(i.eval_runs, o, opt.ks, opt.tasks, with_paper=bool(opt.paper))),
-    "oracle": ("Figure 3: oracle sweep vs AutoDeco",
-               lambda i, o, opt: report_oracle(i.runs, i.sweeps, o, opt.pair)),
-    "ablation": ("Figure 4: which heads act",
-                 lambda i, o, opt: report_ablation(i.eval_runs, o, opt.tasks)),
-    "efficiency": ("Table 3: cost of the heads",
-                   lambda i, o, opt: report_efficiency(i.dirs, o)),
-    "traces": ("Figure 5: predicted T and P along generations",
-               lambda i, o, opt: report_traces(i.eval_runs, o, opt.max_lines)),
-    "steering": ("Table 4 + Figure 5: steering T/P by natural-language commands",
-                 lambda i, o, opt: report_steering(i.steering, o, i.aliases)),
-    "training": ("Figure 6: training curves and candidate checkpoints",
-                 lambda i, o, opt: report_training(i.dirs, i.runs, o)),
-    "compare": ("Comparison of all runs",
-                lambda i, o, opt: report_compare([r for r in i.runs if not r.sweep], o)),
-}
+# ---------------------------------------------------------------------------------------------
+# The registry: one entry per `autodeco report <kind>`, all with the signature (inputs, out, options)
+
+
+@dataclass(frozen=True)
+class ReportKind:
+    name: str
+    title: str  # the heading in index.md
+    help: str  # the line in `autodeco report --help`
+    build: Callable[[Inputs, Path, Options], list[Path]]
+
+
+REPORTS: dict[str, ReportKind] = {}
+
+
+def report(name: str, title: str, help: str):
+    """Register ``fn(inputs, out, options) -> [written paths]`` as report kind ``name``; a kind with
+    no inputs raises ValueError (``run_all`` records it as skipped)."""
+    def register(fn: Callable[[Inputs, Path, Options], list[Path]]):
+        REPORTS[name] = ReportKind(name, title, help, fn)
+        return fn
+
+    return register
+
+
+@report("pass1", "Tables 1-2: Pass@1 by model × method",
+        "Tables 1-2: rows model × method, columns tasks + average, mean ± std, best bold")
+def _pass1(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_pass1(i.eval_runs, i.sweeps, o, opt.tasks, opt.paper, opt.paper_model)
+
+
+@report("passk", "Tables 5-7: Pass@k and relative error reduction",
+        "Tables 5-7: Pass@k for every k present, with AutoDeco's relative error reduction")
+def _passk(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_passk(i.eval_runs, o, opt.ks, opt.tasks, with_paper=bool(opt.paper))
+
+
+@report("oracle", "Figure 3: oracle sweep vs AutoDeco",
+        "Figure 3: accuracy vs T (P=1) and vs P (best T) per model × task, AutoDeco as a line")
+def _oracle(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_oracle(i.runs, i.sweeps, o, opt.pair)
+
+
+@report("ablation", "Figure 4: which heads act", "Figure 4: default vs temp head only vs top-p head only vs both")
+def _ablation(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_ablation(i.eval_runs, o, opt.tasks)
+
+
+@report("efficiency", "Table 3: cost of the heads",
+        "Table 3 + plot from efficiency.json (`autodeco bench efficiency`)")
+def _efficiency(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_efficiency(i.dirs, o)
+
+
+@report("traces", "Figure 5: predicted T and P along generations",
+        "Figure 5: per-token predicted T and P from the samples files' traces")
+def _traces(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_traces(i.eval_runs, o, opt.max_lines)
+
+
+@report("steering", "Table 4 + Figure 5: steering T/P by natural-language commands",
+        "Table 4 + Figure 5: T/P under natural-language commands (steer_*.json from `autodeco steer`) "
+        "next to the paper's Table 4")
+def _steering(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_steering(i.steering, o, i.aliases)
+
+
+@report("training", "Figure 6: training curves and candidate checkpoints",
+        "Figure 6: loss curves (log_history.jsonl) + evaluated checkpoint candidates")
+def _training(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_training(i.dirs, i.runs, o)
+
+
+@report("compare", "Comparison of all runs", "one table and one plot comparing any set of runs")
+def _compare(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_compare([r for r in i.runs if not r.sweep], o)
 
 
 def run_all(inputs: Inputs, out: Path, options: Options, kinds: list[str] | None = None,
@@ -92,7 +148,7 @@ def run_all(inputs: Inputs, out: Path, options: Options, kinds: list[str] | None
     done: dict[str, list[Path] | str] = {}
     for kind in kinds or list(REPORTS):
         try:
-            done[kind] = REPORTS[kind][1](inputs, Path(out), options)
+            done[kind] = REPORTS[kind].build(inputs, Path(out), options)
             log(f"  report {kind}: {len(done[kind])} files")
         except ValueError as err:
             done[kind] = f"skipped: {err}"
@@ -105,7 +161,7 @@ def write_index(out: Path, done: dict[str, list[Path] | str], header: str = "") 
     out = Path(out)
     lines = ["# AutoDeco reports", ""] + ([header, ""] if header else [])
     for kind, result in done.items():
-        lines.append(f"## {REPORTS[kind][0] if kind in REPORTS else kind}")
+        lines.append(f"## {REPORTS[kind].title if kind in REPORTS else kind}")
         lines.append("")
         if isinstance(result, str):
             lines += [f"_{result}_", ""]
@@ -120,6 +176,4 @@ def write_index(out: Path, done: dict[str, list[Path] | str], header: str = "") 
                 lines += [f"- figure [{rel.stem}]({rel}) ([PDF]({rel.with_suffix('.pdf')}))", "",
                           f"  ![{rel.stem}]({rel})"]
         lines.append("")
-    path = out / "index.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(out / "index.md", "\n".join(lines))

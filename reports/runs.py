@@ -17,11 +17,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.core.errors import UserError
+
 RESULTS_GLOB = "results_*.json"
 SWEEP_GLOB = "sweep_summary_*.json"
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     """A result file is missing or malformed (the message names the file and field)."""
 
 

@@ -20,8 +20,10 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from harness.core.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data row that does not match its schema (names file, line and field)."""
 
 
@@ -297,7 +299,7 @@ def lm_eval_dataset(source: str, **options: Any):
     """
     import datasets
 
-    from harness.paths import data_dir
+    from harness.core.paths import data_dir
 
     known = {k: v for k, v in options.items() if k in (*_ARITH_OPTIONS, "release", "start_date", "end_date")}
     docs = load_docs(source, data_dir(None), known)

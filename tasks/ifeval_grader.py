@@ -23,7 +23,7 @@ _PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "or
 
 
 def nltk_data_dir() -> Path:
-    from harness.paths import autodeco_home
+    from harness.core.paths import autodeco_home
 
     return autodeco_home() / "nltk_data"
 

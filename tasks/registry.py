@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from harness.core.errors import UserError
+from harness.core.paths import data_dir as resolve_data_dir
 from tasks.graders import Grader, get_grader
 from tasks.verdict import Verdict
 
@@ -72,10 +74,17 @@ def list_tasks() -> list[str]:
     return sorted([*tasks, *groups])
 
 
-def _unknown(name: str) -> KeyError:
+class UnknownTaskError(UserError, KeyError):
+    """A task or group name that is not registered (the message suggests close names)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _unknown(name: str) -> UnknownTaskError:
     close = difflib.get_close_matches(name, list_tasks(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_tasks())}"
-    return KeyError(f"unknown task {name!r}{hint}")
+    return UnknownTaskError(f"unknown task {name!r}{hint}")
 
 
 def expand(names: str | Iterable[str]) -> list[str]:
@@ -174,11 +183,15 @@ def get_task(name: str, data_dir: str | Path | None = None, **options: Any) -> T
     `options` override the YAML's ``dataset_kwargs`` (e.g. ``split="train"`` for arith,
     ``start_date="2025-01-01"`` for livecodebench).
     """
-    from harness.paths import data_dir as resolve_data_dir
-
     tasks, groups = _index()
     if name in groups:
-        raise KeyError(f"{name!r} is a group of tasks ({', '.join(groups[name])}); use expand() first")
+        raise UnknownTaskError(f"{name!r} is a group of tasks ({', '.join(groups[name])}); use expand() first")
     if name not in tasks:
         raise _unknown(name)
     return Task(name, tasks[name], resolve_data_dir(data_dir), options)
+
+
+def load_tasks(names: str | Iterable[str], data_dir: str | Path | None = None) -> list[Task]:
+    """Every task named (groups expanded; a comma-separated string works), loaded with ``data_dir``."""
+    folder = resolve_data_dir(data_dir)
+    return [get_task(name, data_dir=folder) for name in expand(names)]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cli import CLIError
-from harness.run_cli import _targets, candidates
+from harness.models import ModelError, candidates, resolve_targets
 
 
 def test_training_run_folder_lists_checkpoints_by_step_then_final(tmp_path):
@@ -15,12 +14,12 @@ def test_training_run_folder_lists_checkpoints_by_step_then_final(tmp_path):
         (run / name / "config.json").write_text("{}")
     (run / "checkpoint-5").mkdir()  # no config.json: not a model, skipped
     assert [c[0] for c in candidates(run)] == ["checkpoint-2", "checkpoint-10", "final"]
-    targets = _targets(str(run))
-    assert [t[1] for t in targets] == ["train1-checkpoint-2", "train1-checkpoint-10", "train1-final"]
-    assert targets[0][2] == {"run": str(run.resolve()), "name": "checkpoint-2", "step": 2}
-    assert targets[2][2]["step"] is None
+    targets = resolve_targets(str(run))
+    assert [t.name for t in targets] == ["train1-checkpoint-2", "train1-checkpoint-10", "train1-final"]
+    assert targets[0].candidate == {"run": str(run.resolve()), "name": "checkpoint-2", "step": 2}
+    assert targets[2].candidate["step"] is None
 
 
 def test_folder_without_models_is_a_clear_error(tmp_path):
-    with pytest.raises(CLIError, match="no config.json and no checkpoint"):
-        _targets(str(tmp_path))
+    with pytest.raises(ModelError, match="no config.json and no checkpoint"):
+        resolve_targets(str(tmp_path))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from heads.loss import autodeco_loss, easy_token_drop_mask, soft_top_p_probs
+from heads.training.loss import autodeco_loss, easy_token_drop_mask, soft_top_p_probs
 
 
 def soft_top_p_by_formula(logits, temperature, top_p, alpha, eps=1e-9):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from heads.reject_sample import deepmath_source, load_source, read_deepmath_rows
+from heads.training.reject_sample import deepmath_source, load_source, read_deepmath_rows
 
 
 def _deepmath_file(tmp_path):

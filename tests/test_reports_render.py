@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
+from harness.bench.efficiency import analytic_forward_flops, generation_flops, parse_lengths
 from reports import paper
-from reports.efficiency import analytic_forward_flops, generation_flops, parse_lengths
 from reports.passk import relative_error_reduction
 from reports.render import Table, mark_best, to_csv, to_latex, to_markdown, write_table
 from reports.runs import unbiased_pass_at_k
@@ -122,19 +122,19 @@ def test_prompt_lengths_and_analytic_flops():
 @pytest.mark.slow  # building the full parser imports torch (~5 s here)
 def test_demo_commands_parse_with_the_real_cli(tmp_path, monkeypatch):
     """Every command the demo runs is accepted by the other areas' parsers (catches flag drift)."""
-    from harness.cli import build_parser
-    from reports import demo
+    from harness.cli import build_parser, demo
 
     issued: list[list[str]] = []
     monkeypatch.setattr(demo, "autodeco", issued.append)
-    config = demo.DemoConfig(out=tmp_path / "demo", data_dir=str(tmp_path))
+    config = demo.DemoConfig(out=str(tmp_path / "demo"), data_dir=str(tmp_path))
     for title, thunk in demo.steps(config):
         if not title.startswith("write every report"):
             thunk()
     parser = build_parser()
     for argv in issued:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)  # `train` takes any SFTConfig field as --name VALUE
         assert callable(args.func), argv
+        assert not extra or args._takes_extra, argv
     commands = [argv[0] if argv[0] not in ("data", "bench") else " ".join(argv[:2]) for argv in issued]
     assert commands[:4] == ["model", "construct", "data reject-sample", "train"]
     evals = [argv for argv in issued if argv[0] == "eval"]

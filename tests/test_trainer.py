@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from heads.train_config import AutoDecoTrainingConfig, ConfigError
+from harness.core import config as configs
+from harness.core.errors import ConfigError
+from heads.training.trainer import AutoDecoTrainingConfig
 
 ROWS = 16
 STEPS = 10
@@ -36,7 +38,7 @@ def _config(tmp: Path, data: Path, model_path: Path, **changes) -> AutoDecoTrain
                   per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
                   max_length=96, save_steps=SAVE, logging_steps=1, seed=3, report_to="none")
     values.update(changes)
-    return AutoDecoTrainingConfig.from_dict(values, source="test")
+    return configs.build(AutoDecoTrainingConfig, ("test", values))
 
 
 def _objective(model, data: Path, model_path: Path) -> float:
@@ -44,7 +46,7 @@ def _objective(model, data: Path, model_path: Path) -> float:
     import torch
     from transformers import AutoTokenizer
 
-    from heads.loss import autodeco_loss
+    from heads.training.loss import autodeco_loss
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ids, labels = [], []
@@ -70,8 +72,8 @@ def test_training_run_checkpoints_and_resume(tmp_path, smollm2_path, monkeypatch
     from safetensors import safe_open
 
     from harness.cli import main
-    from heads import trainer as trainer_module
     from heads.model import AutoDecoModelForCausalLM
+    from heads.training import trainer as trainer_module
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     torch.set_num_threads(2)
@@ -146,24 +148,25 @@ def test_training_run_checkpoints_and_resume(tmp_path, smollm2_path, monkeypatch
 def test_config_yaml_overrides_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 5.0e-6\nbf16: true\nmax_length: 16384\n")
-    cfg = AutoDecoTrainingConfig.from_yaml(path, {"max_length": "256", "bf16": "false", "train_top_p": "no"})
+    flags = {"max_length": "256", "bf16": "false", "train_top_p": "no"}
+    cfg = configs.build(AutoDecoTrainingConfig, (str(path), configs.load_yaml(path)), ("command line", flags))
     assert (cfg.learning_rate, cfg.max_length, cfg.bf16, cfg.train_top_p) == (5e-6, 256, False, False)
     path.write_text("learning_rat: 1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: unknown field 'learning_rat'"):
-        AutoDecoTrainingConfig.from_yaml(path)
-    with pytest.raises(ConfigError, match="max_steps.*expects int"):
-        AutoDecoTrainingConfig.from_dict({"max_steps": "many"})
-    with pytest.raises(ConfigError, match="at least one head"):
-        AutoDecoTrainingConfig.from_dict({"train_temperature": False, "train_top_p": False})
+        configs.build(AutoDecoTrainingConfig, (str(path), configs.load_yaml(path)))
+    with pytest.raises(ConfigError, match="command line: --max-steps expects a finite int, got 'many'"):
+        configs.build(AutoDecoTrainingConfig, ("command line", {"max_steps": "many"}))
+    with pytest.raises(ConfigError, match=r"x\.yaml: field 'train_top_p' enable at least one head"):
+        configs.build(AutoDecoTrainingConfig, ("x.yaml", {"train_temperature": False, "train_top_p": False}))
 
 
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs" / "train"
-    paper = AutoDecoTrainingConfig.from_yaml(root / "paper.yaml")
+    paper = configs.build(AutoDecoTrainingConfig, ("paper.yaml", configs.load_yaml(root / "paper.yaml")))
     assert (paper.learning_rate, paper.per_device_train_batch_size, paper.gradient_accumulation_steps,
             paper.max_length, paper.alpha, paper.num_train_epochs, paper.bf16, paper.optim) == (
         5e-6, 1, 4, 16384, 30.0, 1.0, True, "adamw_torch")
-    AutoDecoTrainingConfig.from_yaml(root / "smollm2_cpu.yaml")
+    configs.build(AutoDecoTrainingConfig, ("cpu.yaml", configs.load_yaml(root / "smollm2_cpu.yaml")))
 
 
 def test_bad_train_file_is_a_cli_error(tmp_path, capsys):

@@ -8,10 +8,13 @@ The registry maps a name to a module path and class so that importing this packa
 from __future__ import annotations
 
 import importlib
+import json
+import sys
 
 from harness.backends.base import Backend, BackendError, Completion, Request, sample_seed
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "Completion", "Request", "get_backend", "sample_seed"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "Completion", "Request", "get_backend", "loaded_in_turn",
+           "parse_options", "sample_seed"]
 
 # name -> "module:Class"
 BACKENDS: dict[str, str] = {
@@ -35,4 +38,42 @@ def get_backend(name: str, model: str, **options) -> Backend:
         if len(found) != 1:
             raise BackendError(f"backend module {module_name} defines no {class_name}")
         cls = found[0]
-    return cls(model, **options)
+    try:
+        return cls(model, **options)
+    except OSError as err:
+        raise BackendError(f"cannot load model {model!r}: {err}") from None
+
+
+def parse_options(items: list[str]) -> dict:
+    """``--backend-arg KEY=VALUE`` strings as a dict (values parsed as JSON where they are JSON)."""
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise BackendError(f"--backend-arg {item!r}: expected KEY=VALUE")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def loaded_in_turn(paths: list[str], backend_name: str, options: dict):
+    """Yield a backend serving each model path in turn: where the loaded engine can take the next
+    checkpoint's heads in place (``Backend.load_heads``) it is reused, else it is closed and the
+    next model loaded. The last backend is closed when the generator is closed (use
+    ``contextlib.closing``), so a failure in the caller's loop frees the engine too."""
+    backend = None
+    try:
+        for path in paths:
+            if backend is not None and backend.load_heads(path):
+                print(f"{path}: heads swapped into the loaded {backend_name} engine", file=sys.stderr)
+            else:
+                if backend is not None:
+                    backend.close()
+                    backend = None
+                backend = get_backend(backend_name, path, **options)
+            yield backend
+    finally:
+        if backend is not None:
+            backend.close()

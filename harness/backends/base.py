@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from harness.core.errors import UserError
+from harness.core.seeds import stable_seed
 from harness.decoding import DecodingPreset
+from harness.models import ModelError, is_autodeco, read_config
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A model or preset a backend cannot serve (shown to the user as a CLI error)."""
 
 
@@ -46,13 +48,11 @@ class Completion:
     temperatures: list[float] | None = None  # AutoDeco: predicted T per generated token
     top_ps: list[float] | None = None  # AutoDeco: predicted P per generated token
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def sample_seed(seed: int, key: str, sample_index: int) -> int:
     """A 63-bit RNG seed for one sample, independent of batching and of other samples."""
-    digest = hashlib.sha256(f"{seed}|{key}|{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return stable_seed(seed, key, sample_index)
 
 
 class Backend:
@@ -90,13 +90,11 @@ IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version")
 
 def same_base_and_heads(path_a: str, path_b: str) -> bool:
     """Both folders are AutoDeco checkpoints whose configs agree (same base, same head layout)."""
-    from harness.backends.hf import read_config
-
     try:
         a, b = read_config(path_a), read_config(path_b)
-    except BackendError:
+    except ModelError:
         return False
-    if a.get("model_type") != "autodeco" or b.get("model_type") != "autodeco":
+    if not (is_autodeco(a) and is_autodeco(b)):
         return False
     strip = lambda c: {k: v for k, v in c.items() if k not in IGNORED_CONFIG_KEYS}  # noqa: E731
     return strip(a) == strip(b)

@@ -20,16 +20,7 @@ import torch
 
 from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
 from harness.decoding import DecodingPreset
-
-
-def read_config(model: str) -> dict:
-    """config.json of a local folder or hub id, without needing its model class registered."""
-    from transformers import PretrainedConfig
-
-    try:
-        return PretrainedConfig.get_config_dict(model)[0]
-    except (OSError, ValueError) as err:
-        raise BackendError(f"cannot load model {model!r}: no config.json found ({err.__class__.__name__})") from err
+from harness.models import is_autodeco, read_config
 
 
 class RowSampler:
@@ -79,7 +70,7 @@ class HFBackend(Backend):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.max_batch_size = max_batch_size
         config = read_config(self.model_path)
-        self.is_autodeco = config.get("model_type") == "autodeco"
+        self.is_autodeco = is_autodeco(config)
         torch_dtype = _dtype(dtype, self.device)
         if self.is_autodeco:
             from heads.model import AutoDecoModelForCausalLM
@@ -97,12 +88,8 @@ class HFBackend(Backend):
         if not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):
             return False
         from heads.checkpoint import head_tensors
-        from heads.model import CheckpointError
 
-        try:
-            self.model.load_heads(head_tensors(model_path), source=str(model_path))
-        except CheckpointError as err:
-            raise BackendError(str(err)) from None
+        self.model.load_heads(head_tensors(model_path), source=str(model_path))
         self.model_path = str(model_path)
         return True
 

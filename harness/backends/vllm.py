@@ -27,24 +27,18 @@ import torch
 
 from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
 from harness.decoding import PROCESSORS
+from harness.models import is_autodeco, read_config
+from heads.vllm_plugin import REQUEST_KEY, TRACE_KEY, RowStateProcessor
 
 EXTRA_KEY = "autodeco_extra"  # SamplingParams.extra_args: {"name": ..., "params": {...}}
 
 
-def _logits_processor_base():
-    from vllm.v1.sample.logits_processor import LogitsProcessor
-
-    return LogitsProcessor
-
-
-class PresetProcessor(_logits_processor_base()):
+class PresetProcessor(RowStateProcessor):
     """Applies a preset's raw-logits function (top-n-sigma / edt / eta) to the rows that ask for it.
 
-    Not argmax-invariant on purpose: vLLM then runs it before temperature (the presets' order).
+    Not argmax-invariant (``RowStateProcessor``): vLLM then runs it before temperature (the
+    presets' order).
     """
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.rows: dict[int, tuple[str, tuple]] = {}  # batch index -> (processor name, sorted params)
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -52,26 +46,9 @@ class PresetProcessor(_logits_processor_base()):
         if spec is not None and spec.get("name") not in PROCESSORS:
             raise ValueError(f"unknown logits processor {spec.get('name')!r}; known: {', '.join(PROCESSORS)}")
 
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, _prompt, _output in batch_update.added:
-            spec = ((params.extra_args or {}) if params is not None else {}).get(EXTRA_KEY)
-            if spec:
-                self.rows[index] = (spec["name"], tuple(sorted(spec.get("params", {}).items())))
-            else:
-                self.rows.pop(index, None)
-        for a, b, direction in batch_update.moved:
-            entry_a, entry_b = self.rows.pop(a, None), self.rows.pop(b, None)
-            if entry_a is not None:
-                self.rows[b] = entry_a
-            if entry_b is not None and direction.name == "SWAP":
-                self.rows[a] = entry_b
+    def row_state(self, extra_args: dict, output_ids: list[int]) -> tuple[str, tuple] | None:
+        spec = extra_args.get(EXTRA_KEY)
+        return (spec["name"], tuple(sorted(spec.get("params", {}).items()))) if spec else None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
@@ -96,8 +73,6 @@ def sampling_params(request: Request, sample_index: int, trace_dir: str | None =
     if preset.extra is not None:
         extra[EXTRA_KEY] = {"name": preset.extra, "params": dict(preset.extra_params)}
     if trace_dir is not None:
-        from heads.vllm_plugin import REQUEST_KEY, TRACE_KEY
-
         extra[TRACE_KEY] = trace_dir
         extra[REQUEST_KEY] = f"{request.key}#{sample_index}"
     sampled = preset.do_sample
@@ -181,7 +156,7 @@ def merged_folder(path: str) -> str:
         return path
     import hashlib
 
-    from harness.paths import autodeco_home
+    from harness.core.paths import autodeco_home
 
     stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file())
     digest = hashlib.sha256(f"{folder.resolve()}|{stamp}".encode()).hexdigest()[:16]
@@ -190,7 +165,7 @@ def merged_folder(path: str) -> str:
         return str(target)
     import json
 
-    from harness.paths import resolve_model
+    from harness.models import resolve_model
     from heads.checkpoint import merge
 
     base = json.loads((folder / "config.json").read_text()).get("base_model_name_or_path")
@@ -209,11 +184,10 @@ class VLLMBackend(Backend):
     name = "vllm"
 
     def __init__(self, model: str, trace: bool = True, **options):
-        from harness.backends.hf import read_config
 
         self.model_path = str(model)
         config = read_config(self.model_path)
-        self.is_autodeco = config.get("model_type") == "autodeco"
+        self.is_autodeco = is_autodeco(config)
         self.trace = bool(trace) and self.is_autodeco
         self.options = options
         self.heads: tuple[bool, bool] | None = None  # what the loaded engine's heads do

@@ -12,9 +12,12 @@ several boxes, and a handful of adversarial answers (``10^{10^{10}}``, deep nest
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
+
+from harness.core.paths import data_dir
 
 FILLER = [
     "Let us set up the problem carefully.", "We compute the first few cases by hand.",
@@ -107,3 +110,12 @@ def run(data_dir: Path | None, samples: int = 128, workers: int = 2, seed: int =
         "by_check": {name: checks.count(name) for name in sorted(set(checks))},
         "adversarial_wrong": all(not v.correct for v in verdicts if v.extracted in ADVERSARIAL),
     }
+
+
+def main(args) -> int:
+    """The command: grade, print the report and the rate."""
+    report = run(data_dir(args.data_dir), samples=args.samples, workers=args.workers, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    print(f"graded {report['answers']} math answers in {report['seconds']:.1f} s with {args.workers} workers "
+          f"({report['answers'] / report['seconds']:.0f} answers/s; target <= 60 s)")
+    return 0

@@ -7,8 +7,8 @@ the raw logits *before* temperature, top-k, top-p and min-p. Both backends use t
 
     logits ─► processor (top-n-sigma | edt | eta) ─► / temperature ─► top-k ─► top-p ─► min-p ─► sample
 
-``hf_processors()`` packs this pipeline into one transformers ``LogitsProcessor``; the vLLM
-backend maps the knobs onto ``SamplingParams`` and wraps ``processor()`` itself.
+The HF backend runs ``warp()`` (this pipeline) on the logits; the vLLM backend maps the knobs onto
+``SamplingParams`` and wraps ``processor()`` itself.
 
 Presets are registered by name (``@preset("name")``) and built with ``get_preset(name, **params)``;
 ``parse_spec("static:temperature=0.6,top_p=0.95")`` reads the CLI form.
@@ -20,6 +20,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from harness.core.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that `autodeco --help` stays instant
     import torch
@@ -83,18 +85,6 @@ class DecodingPreset:
         if self.min_p > 0.0:
             logits = min_p_filter(logits, self.min_p)
         return logits
-
-    def hf_processors(self):
-        """A transformers ``LogitsProcessorList`` applying ``warp`` (sampling itself is the backend's)."""
-        from transformers import LogitsProcessor, LogitsProcessorList
-
-        preset = self
-
-        class PresetWarper(LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                return preset.warp(scores)
-
-        return LogitsProcessorList([PresetWarper()])
 
 
 def _fmt(value) -> str:
@@ -195,7 +185,7 @@ PRESETS: dict[str, Callable[..., DecodingPreset]] = {}
 PRESET_HELP: dict[str, str] = {}
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     """Unknown preset or bad preset parameter."""
 
 

@@ -1,6 +1,6 @@
-"""Reading responses to grade, and writing verdicts and metrics in the runner's formats.
+"""The results files: verdicts and metrics written in one layout, for the runner and `autodeco grade`.
 
-Output layout (DESIGN.md "Output files"), shared with harness/runner.py:
+Output layout (DESIGN.md "Output files"), written by harness/runner.py and `grade_file`:
 - ``samples_<task>_<timestamp>.jsonl``: one row per response — ``doc_id``, ``sample_index``,
   ``extracted``, ``correct`` (+ ``seed``/``response`` when known), and for IFEval the four
   lm-eval fields ``prompt_level_strict_acc``, ``inst_level_strict_acc`` (per-instruction list),
@@ -14,19 +14,20 @@ Output layout (DESIGN.md "Output files"), shared with harness/runner.py:
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from harness.core.errors import UserError
+from harness.core.files import atomic_write_json, atomic_write_jsonl, iter_jsonl, timestamp
+from harness.metrics import summarize
 from tasks.verdict import Verdict
 
 IFEVAL_FIELDS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 
 
-class ResponsesError(ValueError):
+class ResponsesError(UserError, ValueError):
     """A malformed responses file (names file, line and field)."""
 
 
@@ -42,8 +43,6 @@ def verdict_fields(verdict: Verdict) -> dict[str, Any]:
 
 def task_metrics(task, rows: list[dict], verdicts: list[Verdict]) -> dict[str, Any]:
     """Pass@1 (± std over seeds), Pass@k and the task's own metrics for graded rows."""
-    from harness.metrics import summarize
-
     correct: dict[int, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     by_doc: dict[str, list[Verdict]] = defaultdict(list)
     for row, verdict in zip(rows, verdicts, strict=True):
@@ -58,22 +57,9 @@ def task_metrics(task, rows: list[dict], verdicts: list[Verdict]) -> dict[str, A
     return metrics
 
 
-def timestamp() -> str:
-    """lm-eval's file timestamp, with microseconds so grid points never collide."""
-    return datetime.now().strftime("%Y-%m-%dT%H-%M-%S.%f")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_samples(path: Path, rows: list[dict]) -> Path:
     """One JSON object per line (atomic)."""
-    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    return path
+    return atomic_write_jsonl(path, rows)
 
 
 def write_results(path: Path, task, metrics: dict, config: dict, seconds: float, n_docs_total: int) -> Path:
@@ -86,8 +72,7 @@ def write_results(path: Path, task, metrics: dict, config: dict, seconds: float,
         "date": time.time(),
         "total_evaluation_time_seconds": seconds,
     }
-    atomic_write(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    return path
+    return atomic_write_json(path, doc)
 
 
 # ---------------------------------------------------------------- reading responses
@@ -112,46 +97,39 @@ def read_responses(path: Path, task) -> list[tuple[dict, dict]]:
     by_id, by_prompt = _doc_lookup(task)
     counters: dict[tuple, int] = defaultdict(int)
     out = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ResponsesError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ResponsesError(f"{where}: expected a JSON object")
-            if "doc_id" in record:
-                doc = by_id.get(str(record["doc_id"]))
-                if doc is None:
-                    raise ResponsesError(f"{where}: field 'doc_id' = {record['doc_id']!r} is not a doc of {task.name}")
-            elif "prompt" in record:
-                doc = by_prompt.get(record["prompt"]) if isinstance(record["prompt"], str) else None
-                if doc is None:
-                    raise ResponsesError(f"{where}: field 'prompt' matches no doc of {task.name}")
-            else:
-                raise ResponsesError(f"{where}: missing field 'doc_id' or 'prompt'")
-            if "response" in record:
-                responses = [record["response"]]
-            elif "responses" in record and isinstance(record["responses"], list):
-                responses = record["responses"]
-            else:
-                raise ResponsesError(f"{where}: missing field 'response' (string) or 'responses' (list)")
-            for offset, response in enumerate(responses):
-                if not isinstance(response, str):
-                    field = "response" if "response" in record else f"responses[{offset}]"
-                    raise ResponsesError(f"{where}: field {field!r} is {type(response).__name__}, expected a string")
-                doc_id = task.doc_id(doc)
-                seed = record.get("seed")
-                key = (doc_id, seed)
-                index = record.get("sample_index", counters[key]) if len(responses) == 1 else offset
-                counters[key] += 1
-                row = {"doc_id": doc_id, "sample_index": int(index), "response": response}
-                if seed is not None:
-                    row["seed"] = seed
-                out.append((doc, row))
+    for number, record in iter_jsonl(path):
+        where = f"{path}:{number}"
+        if not isinstance(record, dict):
+            raise ResponsesError(f"{where}: expected a JSON object")
+        if "doc_id" in record:
+            doc = by_id.get(str(record["doc_id"]))
+            if doc is None:
+                raise ResponsesError(f"{where}: field 'doc_id' = {record['doc_id']!r} is not a doc of {task.name}")
+        elif "prompt" in record:
+            doc = by_prompt.get(record["prompt"]) if isinstance(record["prompt"], str) else None
+            if doc is None:
+                raise ResponsesError(f"{where}: field 'prompt' matches no doc of {task.name}")
+        else:
+            raise ResponsesError(f"{where}: missing field 'doc_id' or 'prompt'")
+        if "response" in record:
+            responses = [record["response"]]
+        elif "responses" in record and isinstance(record["responses"], list):
+            responses = record["responses"]
+        else:
+            raise ResponsesError(f"{where}: missing field 'response' (string) or 'responses' (list)")
+        for offset, response in enumerate(responses):
+            if not isinstance(response, str):
+                field = "response" if "response" in record else f"responses[{offset}]"
+                raise ResponsesError(f"{where}: field {field!r} is {type(response).__name__}, expected a string")
+            doc_id = task.doc_id(doc)
+            seed = record.get("seed")
+            key = (doc_id, seed)
+            index = record.get("sample_index", counters[key]) if len(responses) == 1 else offset
+            counters[key] += 1
+            row = {"doc_id": doc_id, "sample_index": int(index), "response": response}
+            if seed is not None:
+                row["seed"] = seed
+            out.append((doc, row))
     if not out:
         raise ResponsesError(f"{path}: no responses")
     return out

@@ -61,7 +61,7 @@ def _prompts(path: str, batch: int, context: int):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from harness.paths import resolve_model
+    from harness.models import resolve_model
     from heads.model import AutoDecoModelForCausalLM
     from heads.nucleus import logit_stats, nucleus_filter_sorted, nucleus_from_stats
 

@@ -1,4 +1,4 @@
-"""`autodeco model prepare`, `construct`, `split`, `merge`, `generate`, and `bench decode`.
+"""`autodeco model prepare`, `construct`, `split`, `merge`, `generate`.
 
 Handlers import torch/transformers lazily so `autodeco --help` stays instant.
 """
@@ -6,7 +6,6 @@ Handlers import torch/transformers lazily so `autodeco --help` stays instant.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 DECODING_MODES = {  # --decoding value -> (temperature head acts, top-p head acts)
     "autodeco": (True, True),
@@ -16,21 +15,8 @@ DECODING_MODES = {  # --decoding value -> (temperature head acts, top-p head act
 }
 
 
-@contextlib.contextmanager
-def _user_errors():
-    """Turn checkpoint/model errors into one-line CLI errors (exit 2)."""
-    from harness.cli import CLIError
-    from heads.model import CheckpointError
-    from heads.smollm2 import SmolLM2NotInstalled
-
-    try:
-        yield
-    except (CheckpointError, SmolLM2NotInstalled) as err:
-        raise CLIError(str(err)) from err
-
-
 def _model_path(name: str) -> str:
-    from harness.paths import resolve_model
+    from harness.models import resolve_model
 
     return resolve_model(name)
 
@@ -38,25 +24,23 @@ def _model_path(name: str) -> str:
 def _prepare(args: argparse.Namespace) -> int:
     from heads.smollm2 import ensure_smollm2
 
-    with _user_errors():
-        print(ensure_smollm2(args.home))
+    print(ensure_smollm2(args.home))
     return 0
 
 
 def _construct(args: argparse.Namespace) -> int:
     from heads.checkpoint import construct, folder_size
 
-    with _user_errors():
-        out = construct(
-            _model_path(args.base),
-            args.out,
-            overwrite=args.overwrite,
-            seed=args.seed,
-            enable_temperature_head=args.temp_head,
-            enable_top_p_head=args.top_p_head,
-            use_enhanced_features=args.enhanced_features,
-            head_width=args.head_width,
-        )
+    out = construct(
+        _model_path(args.base),
+        args.out,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        enable_temperature_head=args.temp_head,
+        enable_top_p_head=args.top_p_head,
+        use_enhanced_features=args.enhanced_features,
+        head_width=args.head_width,
+    )
     print(f"AutoDeco heads (untrained) on {args.base} -> {out} (heads file {folder_size(out) / 1e6:.2f} MB)")
     return 0
 
@@ -64,8 +48,7 @@ def _construct(args: argparse.Namespace) -> int:
 def _split(args: argparse.Namespace) -> int:
     from heads.checkpoint import folder_size, split
 
-    with _user_errors():
-        out = split(args.full, args.out, overwrite=args.overwrite)
+    out = split(args.full, args.out, overwrite=args.overwrite)
     print(f"heads of {args.full} -> {out} ({folder_size(out) / 1e6:.2f} MB)")
     return 0
 
@@ -73,26 +56,21 @@ def _split(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from heads.checkpoint import folder_size, merge
 
-    with _user_errors():
-        out = merge(args.heads, _model_path(args.base), args.out, overwrite=args.overwrite)
+    out = merge(args.heads, _model_path(args.base), args.out, overwrite=args.overwrite)
     print(f"{args.heads} + {args.base} -> {out} ({folder_size(out) / 1e6:.1f} MB of weights)")
     return 0
 
 
 def load_autodeco(name: str):
     """An AutoDeco folder, or a plain base (`smollm2`, folder, hub id) wrapped with fresh heads."""
-    import json
-    from pathlib import Path
-
+    from harness.models import is_autodeco
+    from heads.checkpoint import base_folder
     from heads.model import AutoDecoModelForCausalLM
 
-    path = Path(_model_path(name))
-    config = path / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "autodeco":
-        return AutoDecoModelForCausalLM.from_pretrained(str(path)), str(path), True
-    from heads.checkpoint import _base_folder
-
-    folder = _base_folder(str(path))
+    path = _model_path(name)
+    if is_autodeco(path):
+        return AutoDecoModelForCausalLM.from_pretrained(path), path, True
+    folder = base_folder(path)
     return AutoDecoModelForCausalLM.from_base(str(folder)), str(folder), False
 
 
@@ -100,8 +78,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    with _user_errors():
-        model, path, trained = load_autodeco(args.model)
+    model, path, trained = load_autodeco(args.model)
     if not trained:
         print(f"note: {args.model} is a plain model; using untrained heads (T≈1, P≈0.5)")
     model.set_decoding(*DECODING_MODES[args.decoding]).eval()
@@ -136,12 +113,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_decode(args: argparse.Namespace) -> int:
-    from heads.bench_decode import run
-
-    return run(args)
-
-
 def register(subparsers) -> None:
     """Add this area's subcommands to the `autodeco` parser."""
     model = subparsers.add_parser("model", help="the embedded default model (SmolLM2-135M-Instruct)")
@@ -163,7 +134,7 @@ def register(subparsers) -> None:
         description="Wrap BASE (a folder, a hub id, or `smollm2`) with a temperature head and a top-p "
         "head and save a heads-only AutoDeco folder (config.json + model.safetensors + tokenizer).",
     )
-    construct.add_argument("--base", required=True, help="base model: folder, hub id, or `smollm2`")
+    construct.add_argument("--base", required=True, help="base model: smollm2, a configs/models preset, a folder or a hub id")
     construct.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     construct.add_argument("--temp-head", action=argparse.BooleanOptionalAction, default=True,
                            help="the temperature head acts when decoding (default: on)")
@@ -192,7 +163,7 @@ def register(subparsers) -> None:
         "unchanged plus a heads shard) and head tensors into one folder that loads as one model.",
     )
     merge.add_argument("--heads", required=True, help="heads-only AutoDeco folder")
-    merge.add_argument("--base", required=True, help="base model: folder, hub id, or `smollm2`")
+    merge.add_argument("--base", required=True, help="base model: smollm2, a configs/models preset, a folder or a hub id")
     merge.add_argument("--out", required=True, help="output folder")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.set_defaults(func=_merge)
@@ -211,22 +182,3 @@ def register(subparsers) -> None:
     generate.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_generate)
-
-
-def register_bench(bench_subparsers) -> None:
-    """`autodeco bench decode`: AutoDeco sampling vs default sampling wall time."""
-    bench = bench_subparsers.add_parser(
-        "decode", help="wall time of AutoDeco sampling / default sampling (goal <= 1.01)",
-        description="Same prompts, same number of generated tokens (no EOS stop), HF backend: time "
-        "AutoDeco sampling (heads + exact nucleus inside forward) against default sampling (T=1, P=1) "
-        "of the base, interleaving repeats; prints the median ratio and the per-step cost of the "
-        "nucleus alone vs a naive full sort.",
-    )
-    bench.add_argument("--model", default="smollm2", help="base model (fresh heads are added)")
-    bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--context", type=int, default=256, help="prompt length in tokens")
-    bench.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence")
-    bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median reported)")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.set_defaults(func=_bench_decode)

@@ -5,7 +5,7 @@ template, as `autodeco data reject-sample` writes it; conversational rows — li
 work too). TRL tokenizes them and masks the prompt (completion-only loss: labels -100).
 
 Per step, `AutoDecoTrainer.compute_loss` runs the base forward under ``no_grad``, the heads with
-gradients, and `heads.loss.autodeco_loss` (temperature + soft top-p loss, easy-token masking
+gradients, and `heads.training.loss.autodeco_loss` (temperature + soft top-p loss, easy-token masking
 seeded by (seed, step), DFT weights). Only head parameters are trainable; checkpoints
 (``checkpoint-<step>/``, ``final/``) hold config + head tensors only and load with
 ``AutoDecoModelForCausalLM.from_pretrained``. Every logged step appends one JSON line to
@@ -15,11 +15,12 @@ temperature_std, top_p_mean, top_p_std, tokens_per_second (+ learning_rate, grad
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,14 +28,75 @@ import yaml
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from heads.loss import autodeco_loss
-from heads.train_config import AutoDecoTrainingConfig, ConfigError
+from harness.core.config import FieldError
+from harness.core.errors import ConfigError, UserError
+from harness.core.files import atomic_write, iter_jsonl
+from harness.core.seeds import stable_seed
+from harness.models import is_autodeco, resolve_model
+from harness.tracking import resolve_mode
+from heads.model import AutoDecoModelForCausalLM
+from heads.training.config import AutoDecoArguments
+from heads.training.loss import autodeco_loss
 
 HEAD_PREFIXES = ("temp_head.", "top_p_head.")
 LOG_FILE = "log_history.jsonl"
 CONFIG_FILE = "train_config.yaml"
 
-__all__ = ["AutoDecoTrainer", "AutoDecoTrainingConfig", "ConfigError", "LogHistoryCallback", "train"]
+__all__ = ["AutoDecoTrainer", "AutoDecoTrainingConfig", "LogHistoryCallback", "train"]
+
+
+# --------------------------------------------------------------------------------------------
+# The config: TRL's SFTConfig + the AutoDeco fields
+
+
+@dataclass
+class AutoDecoTrainingConfig(SFTConfig, AutoDecoArguments):
+    """Everything `autodeco train` needs: every ``SFTConfig`` field plus `AutoDecoArguments`.
+
+    Only defaults differ from TRL's, where the paper's recipe (configs/train/paper.yaml) or a
+    frozen base asks for it.
+    """
+
+    output_dir: str | None = field(default="runs/train", metadata={"help": "checkpoints, log_history.jsonl, final/"})
+    learning_rate: float = 5e-6
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    num_train_epochs: float = 1.0
+    max_length: int | None = 16384
+    logging_steps: float = 1
+    optim: str = "adamw_torch"
+    completion_only_loss: bool | None = True  # the prompt is context, not a target
+    gradient_checkpointing: bool = False  # the base is frozen: nothing to checkpoint
+    report_to: None | str | list[str] = "wandb"  # offline files unless logged in
+
+    def __post_init__(self):
+        if not torch.cuda.is_available():  # transformers refuses bf16 on a CPU unless told it is one
+            self.use_cpu = True
+        super().__post_init__()
+
+    def check(self) -> None:
+        AutoDecoArguments.check(self)
+        for ok, name, message in (
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1"),
+            (self.max_length is None or self.max_length >= 2, "max_length", "must be >= 2"),
+            (self.save_steps > 0, "save_steps", "must be > 0"),
+        ):
+            if not ok:
+                raise FieldError(name, message)
+
+    @property
+    def uses_wandb(self) -> bool:
+        return "wandb" in (self.report_to or [])
+
+    def to_dict(self) -> dict:
+        """Every field as plain YAML-able values (what ``train_config.yaml`` holds)."""
+        out = {}
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            out[spec.name] = value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,23 +106,14 @@ __all__ = ["AutoDecoTrainer", "AutoDecoTrainingConfig", "ConfigError", "LogHisto
 def read_prompt_completion(path: str | os.PathLike, max_rows: int = 0) -> list[dict]:
     """Validated prompt/completion rows from a JSONL file (errors name the file and line)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"train_file {path} not found")
     rows = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{number}: not JSON ({err.msg})") from None
-            for key in ("prompt", "completion"):
-                if not isinstance(row, dict) or not isinstance(row.get(key), (str, list)) or not row.get(key):
-                    raise ConfigError(f"{path}:{number}: field {key!r} missing or empty (need prompt and completion)")
-            rows.append({"prompt": row["prompt"], "completion": row["completion"]})
-            if max_rows and len(rows) >= max_rows:
-                break
+    for number, row in iter_jsonl(path):
+        for key in ("prompt", "completion"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), (str, list)) or not row.get(key):
+                raise ConfigError(f"{path}:{number}: field {key!r} missing or empty (need prompt and completion)")
+        rows.append({"prompt": row["prompt"], "completion": row["completion"]})
+        if max_rows and len(rows) >= max_rows:
+            break
     if not rows:
         raise ConfigError(f"{path}: no rows")
     return rows
@@ -79,8 +132,7 @@ def mean_std(values: torch.Tensor) -> tuple[float, float]:
 
 def step_seed(seed: int, step: int, micro: int) -> int:
     """The easy-token mask seed of one micro-batch: a pure function of (seed, step, micro-batch)."""
-    digest = hashlib.sha256(f"{seed}|{step}|{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return stable_seed(seed, step, micro)
 
 
 def heads_state_dict(model: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
@@ -92,8 +144,7 @@ def heads_state_dict(model: torch.nn.Module, state_dict: dict | None = None) -> 
 class AutoDecoTrainer(SFTTrainer):
     """SFTTrainer whose loss is the AutoDeco objective and whose checkpoints hold only the heads."""
 
-    def __init__(self, *args, train_config: AutoDecoTrainingConfig, **kwargs):
-        self.train_config = train_config
+    def __init__(self, *args, **kwargs):
         self._micro = (-1, 0)  # (optimizer step, micro-batch index within it): seeds the easy-token mask
         super().__init__(*args, **kwargs)
         # Our loss is a per-micro-batch mean: the Trainer must average it over accumulation steps.
@@ -101,7 +152,7 @@ class AutoDecoTrainer(SFTTrainer):
 
     # -- loss ----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cfg = self.train_config
+        cfg = self.args
         net = self.accelerator.unwrap_model(model)
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         with torch.no_grad():
@@ -228,13 +279,9 @@ def _plain(value):
 
 def build_model(cfg: AutoDecoTrainingConfig):
     """An AutoDeco model whose base is frozen and whose enabled heads are trainable."""
-    from harness.paths import resolve_model
-    from heads.model import AutoDecoModelForCausalLM
-
     path = resolve_model(cfg.model)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    config_file = Path(path) / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "autodeco":
+    if is_autodeco(path):
         model = AutoDecoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.config.enable_temperature_head |= cfg.train_temperature
         model.config.enable_top_p_head |= cfg.train_top_p
@@ -254,49 +301,6 @@ def build_model(cfg: AutoDecoTrainingConfig):
     return model, path
 
 
-def sft_config(cfg: AutoDecoTrainingConfig) -> SFTConfig:
-    """The TRL/transformers arguments for this run."""
-    if cfg.report_to == "wandb":
-        from harness.tracking import resolve_mode
-
-        os.environ.setdefault("WANDB_MODE", "offline" if resolve_mode("auto") == "offline" else "online")
-        os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
-        # Per run, not setdefault: an earlier run in this process must not capture this one's files.
-        os.environ["WANDB_DIR"] = str(Path(cfg.output_dir).resolve())
-        os.environ.setdefault("WANDB_SILENT", "true")
-    return SFTConfig(
-        output_dir=cfg.output_dir,
-        learning_rate=cfg.learning_rate,
-        optim=cfg.optim,
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        max_grad_norm=cfg.max_grad_norm,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        max_length=cfg.max_length,
-        completion_only_loss=True,
-        bf16=cfg.bf16,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit or None,
-        save_only_model=False,
-        report_to=["wandb"] if cfg.report_to == "wandb" else "none",
-        run_name=cfg.run_name or Path(cfg.output_dir).name,
-        deepspeed=cfg.deepspeed or None,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        gradient_checkpointing=False,  # the base is frozen: nothing to checkpoint
-        dataset_num_proc=None,
-        disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
-
-
 def _resume_target(cfg: AutoDecoTrainingConfig) -> str | bool | None:
     if not cfg.resume_from_checkpoint:
         return None
@@ -312,25 +316,28 @@ def train(cfg: AutoDecoTrainingConfig) -> Path:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
+    if not cfg.train_file:
+        raise ConfigError("train_file is required (in the config or as --train_file)")
     rows = read_prompt_completion(cfg.train_file, cfg.max_rows)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    resume = _resume_target(cfg)
     model, base_path = build_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a folder")
+    atomic_write(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trainer = AutoDecoTrainer(
         model=model,
-        args=sft_config(cfg),
+        args=cfg,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[LogHistoryCallback(out)],
-        train_config=cfg,
     )
     _start_wandb(cfg)
     try:
-        trainer.train(resume_from_checkpoint=_resume_target(cfg))
+        trainer.train(resume_from_checkpoint=resume)
         final = out / "final"
         trainer.save_model(str(final))
     finally:
@@ -339,24 +346,27 @@ def train(cfg: AutoDecoTrainingConfig) -> Path:
 
 
 def _start_wandb(cfg: AutoDecoTrainingConfig) -> None:
-    """Open this run's W&B run under ``output_dir/wandb`` ourselves; transformers' callback then
-    logs into it (it only opens one when none is active). Passing ``dir`` explicitly matters: once
-    wandb is set up in a process it ignores later changes of ``WANDB_DIR``."""
-    if cfg.report_to != "wandb":
+    """Open this run's W&B run under ``output_dir/wandb`` ourselves, with every setting passed as an
+    argument (no environment variables): transformers' callback then logs into it (it only opens
+    one when none is active). Offline files unless the user is logged in."""
+    if not cfg.uses_wandb:
         return
     import wandb
 
     if wandb.run is not None:
         wandb.finish()
-    wandb.init(project=os.environ.get("WANDB_PROJECT", cfg.wandb_project), dir=str(Path(cfg.output_dir).resolve()),
-               mode=os.environ.get("WANDB_MODE", "offline"),
-               job_type="train", config=cfg.to_dict(), settings=wandb.Settings(silent=True, console="off"))
+    mode = resolve_mode("auto")
+    folder = Path(cfg.output_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    wandb.init(project=cfg.wandb_project, dir=str(folder), mode="disabled" if mode == "off" else mode,
+               name=cfg.run_name or folder.name, job_type="train", config=cfg.to_dict(),
+               settings=wandb.Settings(silent=True, console="off"))
 
 
 def _finish_wandb(cfg: AutoDecoTrainingConfig) -> None:
     """Close the W&B run this training opened: transformers' callback leaves it open, and the
     next training run in the same process would otherwise log into it (and its folder)."""
-    if cfg.report_to != "wandb":
+    if not cfg.uses_wandb:
         return
     import wandb
 

@@ -1,4 +1,4 @@
-"""`autodeco tasks list|show|prepare`, `autodeco grade`, `autodeco bench grading`."""
+"""`autodeco tasks list|show|prepare` and `autodeco grade`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _error(message: str):
-    from harness.cli import CLIError
-
-    return CLIError(message)
+from harness.core.errors import UserError
+from harness.core.paths import REPO_ROOT
 
 
 def _task_options(pairs: list[str] | None) -> dict:
@@ -18,7 +15,7 @@ def _task_options(pairs: list[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise _error(f"--task-option expects KEY=VALUE, got {pair!r}")
+            raise UserError(f"--task-option expects KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -35,9 +32,9 @@ def _load_task(name: str, data_dir: str | None, options: list[str] | None):
         task.docs()  # load now: a missing file, a malformed row or the hub fails here, clearly
         return task
     except KeyError as err:
-        raise _error(str(err.args[0])) from None
+        raise UserError(str(err.args[0])) from None
     except (DataError, ValueError) as err:
-        raise _error(str(err)) from None
+        raise UserError(str(err)) from None
 
 
 def cmd_list(args) -> int:
@@ -45,7 +42,7 @@ def cmd_list(args) -> int:
 
     tasks, groups = _index()
     for name in sorted(tasks):
-        print(f"{name:16s} {tasks[name].relative_to(Path(__file__).parent.parent)}")
+        print(f"{name:16s} {tasks[name].relative_to(REPO_ROOT)}")
     for name in sorted(groups):
         print(f"{name:16s} group: {', '.join(groups[name])}")
     return 0
@@ -77,30 +74,19 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from tasks.io import ResponsesError, grade_file
+    from harness.results import ResponsesError, grade_file
 
     task = _load_task(args.task, args.data_dir, args.task_option)
     responses = Path(args.responses)
     if not responses.is_file():
-        raise _error(f"--responses {responses} does not exist")
+        raise UserError(f"--responses {responses} does not exist")
     try:
         samples, results, metrics = grade_file(task, responses, Path(args.out), workers=args.workers)
     except ResponsesError as err:
-        raise _error(str(err)) from None
+        raise UserError(str(err)) from None
     shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     print(json.dumps({task.name: shown}, indent=2))
     print(f"verdicts: {samples}\nmetrics:  {results}")
-    return 0
-
-
-def cmd_bench_grading(args) -> int:
-    from harness.paths import data_dir
-    from tasks.grading_bench import run
-
-    report = run(data_dir(args.data_dir), samples=args.samples, workers=args.workers, seed=args.seed)
-    print(json.dumps(report, indent=2))
-    print(f"graded {report['answers']} math answers in {report['seconds']:.1f} s with {args.workers} workers "
-          f"({report['answers'] / report['seconds']:.0f} answers/s; target <= 60 s)")
     return 0
 
 
@@ -141,13 +127,3 @@ def register(subparsers) -> None:
     grade.add_argument("--workers", type=int, default=None, help="grading processes (default: CPU count)")
     _add_data_args(grade)
     grade.set_defaults(func=cmd_grade)
-
-
-def register_bench(bench_subparsers) -> None:
-    """`bench grading`: the 34 560-answer math grading benchmark."""
-    p = bench_subparsers.add_parser("grading", help="grade 128 x 270 math answers, print the time (target <= 60 s)")
-    p.add_argument("--data-dir", help="benchmark files (default $AUTODECO_DATA_DIR; without: arith problems only)")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_bench_grading)

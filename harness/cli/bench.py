@@ -1,0 +1,136 @@
+"""`autodeco bench <name>`: every benchmark's options; the measurements live in `harness.bench`.
+
+Each benchmark prints ratios (the quantity a target is stated in), not raw timings alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def _run(target: str):
+    """A handler that imports ``module:function`` of `harness.bench` only when the benchmark runs."""
+    module, _, function = target.partition(":")
+
+    def handler(args):
+        return getattr(importlib.import_module(f"harness.bench.{module}"), function)(args)
+
+    return handler
+
+
+def _engine_common(p: argparse.ArgumentParser, samples: int, max_tokens: int) -> None:
+    p.add_argument("--model", default="smollm2", help="smollm2, a configs/models preset, a folder or a hub id")
+    p.add_argument("--task", default="arith", help="task (default: arith, synthetic, no data needed)")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, default=2, help="problems (default 2)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--samples", type=int, default=samples, help=f"samples per problem (default {samples})")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per sample (default {max_tokens})")
+    p.add_argument("--decoding", default="default")
+    p.add_argument("--out", help="write the measurement as JSON into this folder")
+
+
+def register(subparsers) -> None:
+    """Add `bench` and its benchmarks to the `autodeco` parser."""
+    parent = subparsers.add_parser("bench", help="benchmarks that print measured ratios (speed, memory)")
+    bench_subparsers = parent.add_subparsers(dest="bench", metavar="<benchmark>")
+    parent.set_defaults(func=lambda args: parent.print_help() or 2)
+    _decode(bench_subparsers)
+    _engine(bench_subparsers)
+    _training(bench_subparsers)
+    _efficiency(bench_subparsers)
+    _grading(bench_subparsers)
+
+
+def _decode(bench_subparsers) -> None:
+    bench = bench_subparsers.add_parser(
+        "decode", help="wall time of AutoDeco sampling / default sampling (goal <= 1.01)",
+        description="Same prompts, same number of generated tokens (no EOS stop), HF backend: time "
+        "AutoDeco sampling (heads + exact nucleus inside forward) against default sampling (T=1, P=1) "
+        "of the base, interleaving repeats; prints the median ratio and the per-step cost of the "
+        "nucleus alone vs a naive full sort.",
+    )
+    bench.add_argument("--model", default="smollm2", help="base model (fresh heads are added)")
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--context", type=int, default=256, help="prompt length in tokens")
+    bench.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median reported)")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.set_defaults(func=_run("decode:run"))
+
+
+def _engine(bench_subparsers) -> None:
+    o = bench_subparsers.add_parser("overhead", help="wall time of a full eval / raw backend generate (target <= 1.05)")
+    _engine_common(o, samples=4, max_tokens=32)
+    o.add_argument("--backend", default="hf")
+    o.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE")
+    o.add_argument("--repeats", type=int, default=3)
+    o.set_defaults(func=_run("engine:overhead"))
+
+    b = bench_subparsers.add_parser("backends", help="throughput of vllm vs hf on the same requests")
+    _engine_common(b, samples=16, max_tokens=64)
+    b.add_argument("--backends", default="vllm,hf", help="comma-separated backends (default vllm,hf)")
+    b.set_defaults(func=_run("engine:backends"), backend="hf")
+
+
+def _training(bench_subparsers) -> None:
+    loss = bench_subparsers.add_parser(
+        "loss", help="soft top-p loss, direct vs chunked: time and extra peak memory (target <= 1 GiB)",
+        description="Forward + backward of the top-p loss on synthetic LM-like logits [1, L, V]; each run in a "
+        "fresh process, extra peak RSS over the inputs; repeats interleaved, medians reported.",
+    )
+    loss.add_argument("--length", type=int, default=4096)
+    loss.add_argument("--vocab", type=int, default=49152)
+    loss.add_argument("--chunk", type=int, default=256, help="positions per chunk")
+    loss.add_argument("--repeats", type=int, default=3)
+    loss.add_argument("--direct-repeats", type=int, default=1, help="the direct form needs ~10 GiB; run it fewer times")
+    loss.add_argument("--skip-direct", action="store_true")
+    loss.add_argument("--threads", type=int, default=2)
+    loss.add_argument("--seed", type=int, default=0)
+    loss.add_argument("--json", help="also write the summary here")
+    loss.set_defaults(func=_run("training:loss"))
+
+    train = bench_subparsers.add_parser(
+        "train", help="training tokens/s / base forward-only tokens/s on SmolLM2 (target >= 0.7)",
+        description="Real AutoDecoTrainer steps (base no-grad forward, heads, loss, backward, AdamW) vs the base "
+        "forward alone, same batch and length; medians.",
+    )
+    train.add_argument("--model", default="smollm2")
+    train.add_argument("--batch", type=int, default=1)
+    train.add_argument("--length", type=int, default=256)
+    train.add_argument("--steps", type=int, default=6)
+    train.add_argument("--forward-repeats", type=int, default=3)
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--json")
+    train.set_defaults(func=_run("training:train"))
+
+
+def _efficiency(bench_subparsers) -> None:
+    bench = bench_subparsers.add_parser(
+        "efficiency", help="FLOPs, latency per 1k tokens and peak memory with vs without the heads",
+        description="Runs the same HF backend with the base model and with AutoDeco on the same weights "
+                    "for each prompt length; writes efficiency.json for `autodeco report efficiency`. "
+                    "Defaults are sized for a CPU; --paper-sizes uses the paper's 1k-24k prompts and "
+                    "1000 generated tokens (GPU).")
+    bench.add_argument("--model", default="smollm2", help="base model (name, folder or hub id)")
+    bench.add_argument("--heads", help="a trained heads-only folder (default: freshly constructed heads)")
+    bench.add_argument("--prompt-lengths", default="256,1k", help="comma-separated, k = 1024 (default 256,1k)")
+    bench.add_argument("--paper-sizes", action="store_true", help="prompt lengths 1k,2k,4k,8k,16k,24k, 1000 tokens")
+    bench.add_argument("--gen-tokens", type=int, help="generated tokens per run (default 32; 1000 with --paper-sizes)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per method and length (median)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    bench.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
+    bench.add_argument("--threads", type=int, help="torch CPU threads")
+    bench.add_argument("--out", default="outputs/efficiency/efficiency.json", help="where efficiency.json goes")
+    bench.set_defaults(func=_run("efficiency:run"))
+
+
+def _grading(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser("grading", help="grade 128 x 270 math answers, print the time (target <= 60 s)")
+    p.add_argument("--data-dir", help="benchmark files (default $AUTODECO_DATA_DIR; without: arith problems only)")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run("grading:main"))

@@ -1,0 +1,107 @@
+"""Files that are whole or absent: atomic writes, atomic folders, JSONL, timestamps.
+
+A crash leaves the previous file (or folder) or the new one, never half of one; the temporary
+is removed on failure. JSONL readers name the file and line of a malformed row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from harness.core.errors import UserError
+
+
+def timestamp() -> str:
+    """lm-eval's file timestamp, with microseconds so that two files never collide."""
+    return datetime.now().strftime("%Y-%m-%dT%H-%M-%S.%f")
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file beside it + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", errors="surrogatepass") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> Path:
+    return atomic_write(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """One JSON object per line (atomic)."""
+    return atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def check_new_folder(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing output folder (or a file in its place) before any work is done."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder next to ``out``; on success it becomes ``out``, on error it vanishes."""
+    out = Path(out)
+    check_new_folder(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def iter_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSONL file.
+
+    ``strict``: a line that is not JSON raises `UserError` naming ``file:line``; otherwise it is
+    skipped and ``on_skip(message)`` called (e.g. a warning), as for an append-only store whose
+    last line a crash may have cut.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise UserError(f"{path}: {what}")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    message = f"{path}:{number}: invalid JSON ({err.msg})"
+                    if strict:
+                        raise UserError(message) from None
+                    if on_skip is not None:
+                        on_skip(message)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8)") from None
+
+
+def read_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None) -> list[Any]:
+    """Every value of a JSONL file (see `iter_jsonl`)."""
+    return [value for _, value in iter_jsonl(path, strict=strict, on_skip=on_skip)]

@@ -1,0 +1,52 @@
+"""What `autodeco train` adds to TRL's ``SFTConfig``: the AutoDeco fields, free of torch/TRL.
+
+The full training config is ``heads.training.trainer.AutoDecoTrainingConfig`` — TRL's
+``SFTConfig`` (every transformers/TRL trainer field: ``learning_rate``, ``max_steps``, ``bf16``,
+``deepspeed``, ...) with these fields mixed in. This half stays light so that the command line
+lists its flags without importing TRL; a YAML (``configs/train/*.yaml``) or a flag may set any
+field of either half, and the one config mechanism (`harness.core.config`) checks names and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.core.config import FieldError
+
+DEFAULT_LOSS_CHUNK = 256  # = heads.training.loss.DEFAULT_CHUNK
+
+
+@dataclass
+class AutoDecoArguments:
+    """The AutoDeco half of the training config (model, data, heads, loss)."""
+
+    model: str = field(default="smollm2", metadata={
+        "help": "base causal LM (smollm2, a configs/models preset, a folder, a hub id) or an AutoDeco folder"})
+    train_file: str = field(default="", metadata={"help": "JSONL with prompt/completion rows (required)"})
+    max_rows: int = field(default=0, metadata={"help": "use only the first N rows (0: all)"})
+    train_temperature: bool = field(default=True, metadata={"help": "train the temperature head (and its loss)"})
+    train_top_p: bool = field(default=True, metadata={"help": "train the top-p head (and its loss)"})
+    use_enhanced_features: bool = field(default=True, metadata={
+        "help": "top-p head reads max-prob/entropy/var/top-5 features"})
+    head_width: int = field(default=256, metadata={"help": "hidden width of each head MLP"})
+    alpha: float = field(default=30.0, metadata={"help": "steepness of the soft top-p mask"})
+    easy_token_drop: float = field(default=0.6, metadata={"help": "drop prob. of tokens where base argmax == label"})
+    dft_weighting: bool = field(default=True, metadata={"help": "weight token losses by the base prob. of the label"})
+    min_temperature: float = field(default=1e-2, metadata={"help": "floor on T inside the loss"})
+    loss_chunk_size: int = field(default=DEFAULT_LOSS_CHUNK, metadata={
+        "help": "positions per loss chunk (memory O(chunk x V))"})
+    wandb_project: str = field(default="autodeco", metadata={"help": "W&B project of the training run"})
+
+    def check(self) -> None:
+        """Raise `FieldError` for the first field out of range (the mechanism adds the source)."""
+        for ok, name, message in (
+            (self.train_temperature or self.train_top_p, "train_top_p", "enable at least one head (train_temperature/train_top_p)"),
+            (0.0 <= self.easy_token_drop <= 1.0, "easy_token_drop", "must be in [0, 1]"),
+            (self.alpha > 0, "alpha", "must be > 0"),
+            (self.head_width >= 1, "head_width", "must be >= 1"),
+            (self.max_rows >= 0, "max_rows", "must be >= 0"),
+            (0 < self.min_temperature, "min_temperature", "must be > 0"),
+            (self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1"),
+        ):
+            if not ok:
+                raise FieldError(name, message)
