@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from harness.core.files import read_jsonl
 from heads.checkpoint import head_tensors
 from heads.model import AutoDecoConfig, decode
 from heads.modules import TempHead, TopPHead
@@ -375,10 +376,8 @@ def read_traces(folder: str | os.PathLike) -> dict[str, tuple[list[float | None]
     """{request name: (T per generated token, P per generated token)} from a trace folder."""
     steps: dict[str, dict[int, tuple[float | None, float | None]]] = {}
     for path in sorted(Path(folder).glob("trace-*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                steps.setdefault(row["request"], {})[row["pos"]] = (row["T"], row["P"])
+        for row in read_jsonl(path):
+            steps.setdefault(row["request"], {})[row["pos"]] = (row["T"], row["P"])
     out = {}
     for name, by_pos in steps.items():
         n = max(by_pos) + 1

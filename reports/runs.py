@@ -9,7 +9,6 @@ numbers; tests check they equal the recomputation).
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 import statistics
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.core.errors import UserError
+from harness.core.files import read_json, read_jsonl
 
 RESULTS_GLOB = "results_*.json"
 SWEEP_GLOB = "sweep_summary_*.json"
@@ -77,10 +77,7 @@ class Run:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReportInputError(f"{path}: not valid JSON ({err})") from err
+    return read_json(path, ReportInputError)
 
 
 def _require(data: dict, key: str, path: Path):
@@ -144,16 +141,7 @@ def latest_per_key(runs: list[Run]) -> dict[tuple[str, str, str], tuple[Run, Tas
 
 def read_samples(path: Path) -> list[dict]:
     """Rows of a samples JSONL; a corrupt line is an error naming file and line."""
-    rows = []
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ReportInputError(f"{path}:{number}: not valid JSON ({err})") from err
-    return rows
+    return read_jsonl(path)
 
 
 def unbiased_pass_at_k(n: int, c: int, k: int) -> float:

@@ -8,26 +8,19 @@ measured accuracy rather than by the last step.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from harness.core.files import read_jsonl
 from reports.pass1 import SCALE
 from reports.render import Table, mark_best, new_figure, save_figure, write_table
-from reports.runs import ReportInputError, Run, find_files
+from reports.runs import Run, find_files
 
 CURVES = [("loss", "total"), ("temp_loss", "temperature"), ("top_p_loss", "top-p")]
 
 
 def read_log_history(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ReportInputError(f"{path}:{number}: not valid JSON ({err})") from err
-    return [r for r in rows if "step" in r]
+    return [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
 
 
 def candidate_name(run: Run) -> str | None:

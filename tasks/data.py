@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import UserError
+from harness.core.files import iter_jsonl
 
 
 class DataError(UserError, ValueError):
@@ -155,15 +156,8 @@ def _read_local(path: Path) -> Iterable[tuple[str, dict]]:
     if not path.exists():
         raise DataError(f"{path}: file not found (expected in the data dir)")
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-                yield f"{number}", row
+        for number, row in iter_jsonl(path):
+            yield f"{number}", row
     elif path.suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))

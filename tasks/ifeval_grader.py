@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from harness.core.files import atomic_write
 from tasks.verdict import Verdict
 
 _PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "ortho_context.tab")
@@ -45,9 +46,7 @@ def prepare_punkt(root: Path | None = None) -> Path:
         "ortho_context.tab": "\n".join(f"{word}\t{flag}" for word, flag in sorted(params.ortho_context.items())),
     }
     for name, text in files.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(folder / name)
+        atomic_write(folder / name, text + "\n")
     return folder
 
 

@@ -74,6 +74,17 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = UserError) -> Any:
+    """The JSON value in a file; a missing, unreadable or malformed file raises ``error`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {'is a folder, not a file' if path.is_dir() else 'not found'}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+
+
 def iter_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None) -> Iterator[tuple[int, Any]]:
     """(line number, value) for every non-blank line of a JSONL file.
 

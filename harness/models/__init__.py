@@ -14,7 +14,6 @@ Accepted everywhere (`eval`, `sweep`, `steer`, `train`, `construct`, `merge`, `g
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from harness.core.errors import UserError
+from harness.core.files import read_json
 from harness.core.paths import CONFIGS_DIR
 from heads.smollm2 import ensure_smollm2
 
@@ -146,12 +146,9 @@ def read_config(model: str) -> dict:
     folder = Path(model)
     if folder.is_dir():
         file = folder / "config.json"
-        if not file.is_file():
+        if not file.exists():
             raise ModelError(f"{folder}: not a model folder (no config.json)")
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelError(f"{file}: not valid JSON ({err})") from None
+        config = read_json(file, ModelError)
         if not isinstance(config, dict):
             raise ModelError(f"{file}: expected a JSON object")
         return config

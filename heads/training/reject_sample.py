@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.core.files import atomic_write_jsonl, read_jsonl
+
 DEEPMATH_HUB_ID = "zwhe99/DeepMath-103K"
 
 
@@ -65,14 +67,7 @@ def read_deepmath_rows(data_file: str | None) -> list[dict]:
     if path.suffix == ".json":
         rows = json.loads(path.read_text())
         return rows if isinstance(rows, list) else rows.get("train", [])
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-    return rows
+    return read_jsonl(path)
 
 
 def deepmath_source(limit: int | None, seed: int, data_dir: str | None = None, data_file: str | None = None,
@@ -182,13 +177,7 @@ def reject_sample(
         rows.append({"prompt": prompts[doc["doc_id"]], "completion": completion.text, "source": source.name,
                      "doc_id": doc["doc_id"], "sample_index": completion.sample_index,
                      "answer": str(doc.get("answer"))})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
+    atomic_write_jsonl(out, rows)
     return RejectSampleStats(
         problems=len(source.docs), samples=len(completions), correct=sum(v.correct for v in verdicts),
         rows=len(rows), solved_problems=len({row["doc_id"] for row in rows}),

@@ -16,6 +16,7 @@ temperature_std, top_p_mean, top_p_std, tokens_per_second (+ learning_rate, grad
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -92,11 +93,18 @@ class AutoDecoTrainingConfig(SFTConfig, AutoDecoArguments):
 
     def to_dict(self) -> dict:
         """Every field as plain YAML-able values (what ``train_config.yaml`` holds)."""
-        out = {}
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            out[spec.name] = value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
-        return out
+        return {spec.name: _plain_value(getattr(self, spec.name)) for spec in dataclasses.fields(self)}
+
+
+def _plain_value(value):
+    """Enums (transformers' ``SchedulerType``, ...) as their value, containers element-wise."""
+    if isinstance(value, enum.Enum):
+        return _plain_value(value.value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain_value(v) for k, v in value.items()}
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 # --------------------------------------------------------------------------------------------
