@@ -141,7 +141,7 @@ def latest_per_key(runs: list[Run]) -> dict[tuple[str, str, str], tuple[Run, Tas
 
 def read_samples(path: Path) -> list[dict]:
     """Rows of a samples JSONL; a corrupt line is an error naming file and line."""
-    return read_jsonl(path)
+    return read_jsonl(path, error=ReportInputError)
 
 
 def unbiased_pass_at_k(n: int, c: int, k: int) -> float:

@@ -14,13 +14,13 @@ from pathlib import Path
 from harness.core.files import read_jsonl
 from reports.pass1 import SCALE
 from reports.render import Table, mark_best, new_figure, save_figure, write_table
-from reports.runs import Run, find_files
+from reports.runs import ReportInputError, Run, find_files
 
 CURVES = [("loss", "total"), ("temp_loss", "temperature"), ("top_p_loss", "top-p")]
 
 
 def read_log_history(path: Path) -> list[dict]:
-    return [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
+    return [r for r in read_jsonl(path, error=ReportInputError) if isinstance(r, dict) and "step" in r]
 
 
 def candidate_name(run: Run) -> str | None:

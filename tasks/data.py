@@ -156,7 +156,7 @@ def _read_local(path: Path) -> Iterable[tuple[str, dict]]:
     if not path.exists():
         raise DataError(f"{path}: file not found (expected in the data dir)")
     if path.suffix == ".jsonl":
-        for number, row in iter_jsonl(path):
+        for number, row in iter_jsonl(path, error=DataError):
             yield f"{number}", row
     elif path.suffix == ".json":
         try:

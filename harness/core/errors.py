@@ -14,3 +14,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A bad configuration value; the message names the source (file or command line) and field."""
+
+
+class FileFormatError(UserError, ValueError):
+    """A file that is missing or not what it should be (not JSON, not UTF-8); names the file and line."""

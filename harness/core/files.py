@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from harness.core.errors import UserError
+from harness.core.errors import FileFormatError, UserError
 
 
 def timestamp() -> str:
@@ -74,7 +74,7 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json(path: str | os.PathLike, error: type[Exception] = UserError) -> Any:
+def read_json(path: str | os.PathLike, error: type[Exception] = FileFormatError) -> Any:
     """The JSON value in a file; a missing, unreadable or malformed file raises ``error`` naming it."""
     path = Path(path)
     if not path.is_file():
@@ -85,17 +85,18 @@ def read_json(path: str | os.PathLike, error: type[Exception] = UserError) -> An
         raise error(f"{path}: not valid JSON ({err})") from None
 
 
-def iter_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None,
+               error: type[Exception] = FileFormatError) -> Iterator[tuple[int, Any]]:
     """(line number, value) for every non-blank line of a JSONL file.
 
-    ``strict``: a line that is not JSON raises `UserError` naming ``file:line``; otherwise it is
+    ``strict``: a line that is not JSON raises ``error`` naming ``file:line``; otherwise it is
     skipped and ``on_skip(message)`` called (e.g. a warning), as for an append-only store whose
     last line a crash may have cut.
     """
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "not found"
-        raise UserError(f"{path}: {what}")
+        raise error(f"{path}: {what}")
     try:
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
@@ -106,13 +107,14 @@ def iter_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None) ->
                 except json.JSONDecodeError as err:
                     message = f"{path}:{number}: invalid JSON ({err.msg})"
                     if strict:
-                        raise UserError(message) from None
+                        raise error(message) from None
                     if on_skip is not None:
                         on_skip(message)
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file (not UTF-8)") from None
+        raise error(f"{path}: not a text file (not UTF-8)") from None
 
 
-def read_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None) -> list[Any]:
+def read_jsonl(path: str | os.PathLike, *, strict: bool = True, on_skip=None,
+               error: type[Exception] = FileFormatError) -> list[Any]:
     """Every value of a JSONL file (see `iter_jsonl`)."""
-    return [value for _, value in iter_jsonl(path, strict=strict, on_skip=on_skip)]
+    return [value for _, value in iter_jsonl(path, strict=strict, on_skip=on_skip, error=error)]
