@@ -2,6 +2,9 @@
 
 - ``pass_at_k(n, c, k)``: the unbiased estimator 1 − C(n−c, k) / C(n, k) of Chen et al. (2021),
   computed as a product of ratios so it never forms huge binomials.
+- ``majority_at_k(samples, k)``: the expected accuracy of a majority vote over k of a problem's
+  samples (extracted answer, correct) drawn at random, over every k-subset (exact for small n,
+  else 200 seeded random subsets); a tie picks uniformly among the tied answers; no answer = wrong.
 - ``summarize(correct)``: for one task, ``correct[seed][doc]`` = list of booleans (the samples of
   that seed). Pass@1 is the mean over seeds of each seed's mean accuracy, with the std over seeds;
   Pass@k (k in 1, 16, 32, 64 up to the samples per doc) pools all seeds' samples of a doc.
@@ -10,7 +13,10 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import Counter
 from collections.abc import Sequence
+from itertools import combinations
 
 PASS_KS = (1, 16, 32, 64)
 
@@ -28,6 +34,36 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         miss *= 1.0 - k / i
     return 1.0 - miss
+
+
+MAJORITY_SUBSETS = 200  # random k-subsets when enumerating all of them would cost more
+
+
+def majority_at_k(samples: Sequence[tuple[str | None, bool]], k: int, seed: int = 0) -> float:
+    """Expected correctness of the majority answer among k of these samples (see the module docstring).
+
+    Answers are compared as extracted strings; an answer is correct when any sample giving it was
+    graded correct. Samples without an extracted answer vote for nothing.
+    """
+    n = len(samples)
+    if not 1 <= k <= n:
+        raise ValueError(f"maj@{k} needs 1 <= k <= {n} samples")
+    correct_answers = {answer for answer, ok in samples if ok and answer is not None}
+
+    def vote(subset) -> float:
+        counts = Counter(samples[i][0] for i in subset if samples[i][0] is not None)
+        if not counts:
+            return 0.0
+        top = max(counts.values())
+        tied = [answer for answer, count in counts.items() if count == top]
+        return sum(answer in correct_answers for answer in tied) / len(tied)
+
+    if math.comb(n, k) <= MAJORITY_SUBSETS:
+        subsets = list(combinations(range(n), k))
+    else:
+        rng = random.Random(seed)
+        subsets = [rng.sample(range(n), k) for _ in range(MAJORITY_SUBSETS)]
+    return math.fsum(vote(s) for s in subsets) / len(subsets)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

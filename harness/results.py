@@ -21,7 +21,8 @@ from typing import Any
 
 from harness.core.errors import UserError
 from harness.core.files import atomic_write_json, atomic_write_jsonl, iter_jsonl, timestamp
-from harness.metrics import summarize
+from harness.metrics import PASS_KS, majority_at_k, summarize
+from harness.stats import pass1_estimate, seed_std, verdicts_by_doc
 from tasks.verdict import Verdict
 
 IFEVAL_FIELDS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -42,7 +43,13 @@ def verdict_fields(verdict: Verdict) -> dict[str, Any]:
 
 
 def task_metrics(task, rows: list[dict], verdicts: list[Verdict]) -> dict[str, Any]:
-    """Pass@1 (± std over seeds), Pass@k and the task's own metrics for graded rows."""
+    """Pass@1 (± std over seeds, and its 95% interval over problems), Pass@k, maj@k and the task's
+    own metrics for graded rows.
+
+    Interval fields (harness.stats): ``pass@1_se``, ``pass@1_ci_low``, ``pass@1_ci_high`` (t interval
+    over problems, each problem's accuracy pooled over seeds), ``n_problems``; ``pass@1_seed_std`` is
+    the paper's ± (population std over seeds, as the official script).
+"""
     correct: dict[int, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     by_doc: dict[str, list[Verdict]] = defaultdict(list)
     for row, verdict in zip(rows, verdicts, strict=True):
@@ -53,8 +60,27 @@ def task_metrics(task, rows: list[dict], verdicts: list[Verdict]) -> dict[str, A
     except ValueError:  # uneven samples per doc: plain per-doc mean, no Pass@k
         docs = {d: v for seed_docs in correct.values() for d, v in seed_docs.items()}
         metrics = {"pass@1": sum(sum(v) / len(v) for v in docs.values()) / len(docs), "n_docs": len(docs)}
+    estimate = pass1_estimate(verdicts_by_doc([{**row, "correct": v.correct} for row, v in zip(rows, verdicts, strict=True)]))
+    metrics.update({"pass@1_se": estimate.se, "pass@1_ci_low": estimate.ci_low, "pass@1_ci_high": estimate.ci_high,
+                    "n_problems": estimate.n})
+    if metrics.get("pass@1_per_seed"):
+        metrics["pass@1_seed_std"] = seed_std(metrics["pass@1_per_seed"])
+    metrics.update(majority_metrics(rows, verdicts))
     metrics.update(task.aggregate(dict(by_doc)) or {})
     return metrics
+
+
+def majority_metrics(rows: list[dict], verdicts: list[Verdict]) -> dict[str, float]:
+    """maj@k for every k of PASS_KS that the per-problem sample count allows (k > 1)."""
+    by_doc: dict[str, list[tuple[str | None, bool]]] = defaultdict(list)
+    for row, verdict in zip(rows, verdicts, strict=True):
+        by_doc[row["doc_id"]].append((verdict.extracted, bool(verdict.correct)))
+    n = min(len(v) for v in by_doc.values())
+    out = {}
+    for k in PASS_KS:
+        if 1 < k <= n:
+            out[f"maj@{k}"] = sum(majority_at_k(samples, k) for samples in by_doc.values()) / len(by_doc)
+    return out
 
 
 def write_samples(path: Path, rows: list[dict]) -> Path:

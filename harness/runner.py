@@ -59,8 +59,11 @@ class RunSpec:
     max_tokens: int | None = None  # overrides each task's max_gen_toks
     candidate: dict | None = None  # training-run candidate: {"run", "name", "step"}
     sweep: dict | None = None  # {"group", "temperature", "top_p"} for sweep grid points
+    base: str | None = None  # the base a heads-only AutoDeco folder was loaded on, when overridden (--base)
 
     def check(self) -> None:
+        if self.preset.name == "recommended" and not self.preset.params:
+            raise RunError("preset `recommended` must be resolved for the model first (harness.decoding.for_model)")
         if not self.seeds:
             raise RunError("--seeds must be >= 1, got 0")
         if self.samples < 1:
@@ -135,7 +138,7 @@ def _check_stored(record: dict | None, item: Planned, key: SampleKey) -> None:
 # The output folder
 
 def _settings(spec: RunSpec) -> dict:
-    return {"model_path": str(spec.model_path), "backend": spec.backend}
+    return {"model_path": str(spec.model_path), "backend": spec.backend} | ({"base": spec.base} if spec.base else {})
 
 
 def check_output(out: str | os.PathLike, spec: RunSpec) -> Path:
@@ -283,7 +286,7 @@ def run_config(spec: RunSpec) -> dict:
         "model": spec.model, "model_path": spec.model_path, "model_name": spec.model_name,
         "backend": spec.backend, "decoding": spec.preset.describe(), "seeds": list(spec.seeds),
         "samples": spec.samples, "limit": spec.limit, "max_tokens": spec.max_tokens,
-        "candidate": spec.candidate, "sweep": spec.sweep,
+        "candidate": spec.candidate, "sweep": spec.sweep, "base": spec.base,
     }
 
 

@@ -58,9 +58,17 @@ class Estimate:
         return asdict(self)
 
 
-def problem_accuracies(per_doc: Mapping[str, Sequence[bool]]) -> dict[str, float]:
-    """doc id -> fraction of its samples that are correct (problems without samples are dropped)."""
-    return {doc: sum(bool(v) for v in verdicts) / len(verdicts) for doc, verdicts in per_doc.items() if verdicts}
+def problem_accuracies(per_doc: Mapping[str, Sequence[bool] | float]) -> dict[str, float]:
+    """doc id -> fraction of its samples that are correct (problems without samples are dropped).
+
+    A value may also be an accuracy already (a float), e.g. a cross-validated baseline's."""
+    out = {}
+    for doc, verdicts in per_doc.items():
+        if isinstance(verdicts, (int, float)) and not isinstance(verdicts, bool):
+            out[doc] = float(verdicts)
+        elif verdicts:
+            out[doc] = sum(bool(v) for v in verdicts) / len(verdicts)
+    return out
 
 
 def _t_estimate(values: Sequence[float], with_p: bool) -> Estimate:
@@ -82,12 +90,12 @@ def _t_estimate(values: Sequence[float], with_p: bool) -> Estimate:
     return Estimate(mean, se, mean - half, mean + half, n, p_value)
 
 
-def pass1_estimate(per_doc: Mapping[str, Sequence[bool]]) -> Estimate:
+def pass1_estimate(per_doc: Mapping[str, Sequence[bool] | float]) -> Estimate:
     """Pass@1 over problems with its 95% t interval (see the module docstring)."""
     return _t_estimate(list(problem_accuracies(per_doc).values()), with_p=False)
 
 
-def paired_difference(a: Mapping[str, Sequence[bool]], b: Mapping[str, Sequence[bool]]) -> Estimate:
+def paired_difference(a: Mapping[str, Sequence[bool] | float], b: Mapping[str, Sequence[bool] | float]) -> Estimate:
     """Pass@1(a) − Pass@1(b) on the problems both have, with a paired t interval and p-value."""
     acc_a, acc_b = problem_accuracies(a), problem_accuracies(b)
     shared = sorted(set(acc_a) & set(acc_b))

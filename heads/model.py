@@ -180,26 +180,29 @@ def block_features(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Ten
 
 
 def predict(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor,
-            need_stats: bool = False):
+            need_stats: bool = False, unit_temperature: bool = False):
     """T, P [...] from hidden [..., H] and base logits [..., V]; gradients reach the heads only.
 
     The top-p head sees T detached and the features of softmax(logits / T) (as in the paper's
-    code). With ``need_stats`` (decoding with both heads) it also returns z = l/T [N, V] and its
-    row statistics, which ÷T and the nucleus then reuse; otherwise those two are None.
+    code); with ``unit_temperature`` it sees T = 1 instead (the top-p-only ablation, where no
+    temperature acts: the official setup). With ``need_stats`` (decoding with both heads) it also
+    returns z = l/T [N, V] and its row statistics, which ÷T and the nucleus then reuse; otherwise
+    those two are None.
     """
     lead, vocab = base_logits.shape[:-1], base_logits.shape[-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     temperature = temp_head(h)
+    seen = torch.ones_like(temperature) if unit_temperature else temperature.detach()  # the T the top-p head sees
     z = stats = features = None
     enhanced = top_p_head.use_enhanced_features
     if need_stats:  # decoding: z and its statistics are reused by ÷T and the nucleus
         with torch.no_grad():
-            z = base_logits.reshape(-1, vocab).float() / temperature.detach().float().clamp_min(1e-6).unsqueeze(-1)
+            z = base_logits.reshape(-1, vocab).float() / seen.float().clamp_min(1e-6).unsqueeze(-1)
             stats = logit_stats(z, moments=enhanced)
             features = features_from_stats(stats) if enhanced else None
     elif enhanced:  # training / tracing: only the features, a bounded block of rows at a time
-        features = block_features(base_logits.reshape(-1, vocab), temperature.detach())
-    top_p = top_p_head(h, temperature.detach(), features)
+        features = block_features(base_logits.reshape(-1, vocab), seen)
+    top_p = top_p_head(h, seen, features)
     return temperature.reshape(lead), top_p.reshape(lead), z, stats
 
 
@@ -226,9 +229,11 @@ def dynamic_logits(base_logits, temperature, top_p, z=None, stats=None, *, use_t
 
 def decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor, *,
            use_temperature: bool, use_top_p: bool):
-    """One AutoDeco decoding step on rows: (logits, T, P)."""
+    """One AutoDeco decoding step on rows: (logits, T, P). With the top-p head alone (the ablation),
+    the top-p head sees T = 1, the temperature at which its nucleus then cuts."""
     temperature, top_p, z, stats = predict(temp_head, top_p_head, hidden, base_logits,
-                                           need_stats=use_temperature and use_top_p)
+                                           need_stats=use_temperature and use_top_p,
+                                           unit_temperature=use_top_p and not use_temperature)
     logits = dynamic_logits(base_logits, temperature, top_p, z, stats, use_temperature=use_temperature,
                             use_top_p=use_top_p)
     return logits, temperature, top_p
@@ -283,7 +288,9 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Load a heads-only folder (base from ``base_model_name_or_path``) or a merged folder."""
+        """Load a heads-only folder (base from ``base_model_name_or_path``, or from the keyword of that
+        name, which overrides the config's) or a merged folder."""
+        base_override = kwargs.pop("base_model_name_or_path", None)
         folder = _resolve_folder(pretrained_model_name_or_path, kwargs)
         if not isinstance(config, AutoDecoConfig) and not (
             config is not None and getattr(config, "model_type", None) == "autodeco"
@@ -301,6 +308,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
                     str(folder), config=config.base_config(), key_mapping=mapping, **base_kwargs
                 )
         else:
+            if base_override:
+                config.base_model_name_or_path = str(base_override)
             if not config.base_model_name_or_path:
                 raise CheckpointError(f"{folder}/config.json has no `base_model_name_or_path` and no base weights")
             base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, **base_kwargs)

@@ -29,10 +29,10 @@ def report_ablation(runs: list[Run], out: Path, tasks: list[str] | None = None,
             value = cells.get((model, method), {}).get(task)
             if value is not None:
                 xs.append(i + (j - (len(ABLATION) - 1) / 2) * width)
-                ys.append(value[0])
-                errs.append(value[1] or 0.0)
+                ys.append(value.mean)
+                errs.append(value.half_width or value.std or 0.0)
         if xs:
-            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=LABELS[method])
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=LABELS[method])  # error bars: 95% CI
     ax.set_xticks(range(len(groups)), [f"{m}\n{t}" for m, t in groups], fontsize=7)
     ax.set_ylabel("Pass@1 (%)")
     ax.set_title("AutoDeco ablation")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reports.pass1 import SCALE
+from reports.pass1 import INTERVAL_NOTE, SCALE, interval
 from reports.render import Table, mark_best, new_figure, save_figure, write_table
 from reports.runs import Run
 
@@ -34,19 +34,17 @@ def report_compare(runs: list[Run], out: Path, metric: str = "pass@1", name: str
         values = []
         for task in tasks:
             result = run.tasks.get(task)
-            value = result.get(metric) if result else None
-            std = result.get(f"{metric}_std") if result else None
-            values.append(None if value is None else value * SCALE)
-            row.append(None if value is None else (value * SCALE, std * SCALE) if std is not None
-                       else value * SCALE)
+            cell = interval(result, metric) if result else None
+            values.append(None if cell is None else cell.mean)
+            row.append(cell)
         present = [v for v in values if v is not None]
         row.append(sum(present) / len(present) if len(present) == len(tasks) else None)
         row.append(run.raw.get("total_evaluation_time_seconds"))
         rows.append(row)
     table = Table(name=name, title=f"Run comparison ({metric}, %)",
                   columns=["Run", "Source", "seeds×samples", *tasks, "Average", "time (s)"], rows=rows,
-                  notes=["One row per run (results file or W&B run); bold = best per column. Sources: "
-                         + ", ".join(str(r.path) for r in runs)])
+                  notes=[INTERVAL_NOTE.replace("within a model", "over all runs"),
+                         "One row per run (results file or W&B run). Sources: " + ", ".join(str(r.path) for r in runs)])
     mark_best(table, list(range(3, 3 + len(tasks) + 1)))
     paths = write_table(table, out)
     fig, axes = new_figure(1, size=(max(5.0, 1.2 * len(tasks) * max(1, len(runs)) ** 0.5), 3.4))

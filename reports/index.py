@@ -11,6 +11,7 @@ from reports.ablation import report_ablation
 from reports.compare import report_compare
 from reports.efficiency import report_efficiency
 from reports.oracle import report_oracle
+from reports.paired import report_paired
 from reports.pass1 import report_pass1
 from reports.passk import report_passk
 from reports.runs import Run, Sweep, find_runs, find_sweeps
@@ -105,6 +106,13 @@ def _passk(i: Inputs, o: Path, opt: Options) -> list[Path]:
         "Figure 3: accuracy vs T (P=1) and vs P (best T) per model × task, AutoDeco as a line")
 def _oracle(i: Inputs, o: Path, opt: Options) -> list[Path]:
     return report_oracle(i.runs, i.sweeps, o, opt.pair)
+
+
+@report("paired", "Paired differences vs the baselines (95% CI, p)",
+        "every method − default / greedy / recommended / meanshift / static (CV) on shared problems: "
+        "Δ with its 95% CI and a paired t-test")
+def _paired(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return report_paired(i.eval_runs, i.sweeps, o, opt.tasks)
 
 
 @report("ablation", "Figure 4: which heads act", "Figure 4: default vs temp head only vs top-p head only vs both")

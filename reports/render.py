@@ -1,7 +1,8 @@
 """Writing tables (Markdown, LaTeX booktabs, CSV) and figures (PNG, PDF).
 
 A `Table` holds plain values; each writer formats them. Cells are numbers (formatted with the
-table's precision), (mean, std) pairs (printed "mean ± std"), strings, or None (printed "–").
+table's precision), (mean, std) pairs (printed "mean ± std"), `Interval`s (printed
+"mean [low, high]", with † when fewer than 10 problems stand behind it), strings, or None ("–").
 `bold` marks cells (e.g. the best per column): `**x**` in Markdown, `\\textbf{x}` in LaTeX, and a
 trailing `*` column flag in CSV is avoided — CSV keeps raw numbers plus a `best` list per row.
 """
@@ -12,8 +13,32 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-Cell = float | int | str | tuple[float, float] | None
+from harness.core.files import atomic_write
+from harness.stats import ANECDOTAL_BELOW
+
+
+class Interval(NamedTuple):
+    """A mean with its 95% interval over ``n`` problems; ``std`` (over seeds) kept for old files and
+    plots. Index 0 / 1 are mean / std, like the (mean, std) pairs."""
+
+    mean: float
+    std: float | None = None
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None
+
+    @property
+    def anecdotal(self) -> bool:
+        return self.n is not None and self.n < ANECDOTAL_BELOW
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.low is None or self.high is None else (self.high - self.low) / 2
+
+
+Cell = float | int | str | tuple[float, float] | Interval | None
 
 
 @dataclass
@@ -30,6 +55,13 @@ class Table:
     def fmt(self, cell: Cell, latex: bool = False) -> str:
         if cell is None:
             return "–" if not latex else "--"
+        if isinstance(cell, Interval) and cell.low is not None:
+            p = self.precision
+            interval = f"{cell.mean:.{p}f} [{cell.low:.{p}f}, {cell.high:.{p}f}]"
+            return interval + ("$^\\dagger$" if latex else "†") * cell.anecdotal
+        if isinstance(cell, Interval):
+            return f"{cell.mean:.{self.precision}f}" + ("" if cell.std is None else (
+                (r" $\pm$ " if latex else " ± ") + f"{cell.std:.{self.precision}f}"))
         if isinstance(cell, tuple):
             mean, std = cell
             pm = r" $\pm$ " if latex else " ± "
@@ -41,12 +73,15 @@ class Table:
 
 def mark_best(table: Table, columns: list[int], higher_is_better: bool = True,
               rows: list[int] | None = None) -> None:
-    """Bold the best numeric cell of each given column (ties all marked)."""
+    """Bold the best numeric cell of each given column (ties all marked); anecdotal cells (fewer than
+    10 problems) are never marked."""
     rows = list(range(len(table.rows))) if rows is None else rows
     for c in columns:
         values = {}
         for r in rows:
             cell = table.rows[r][c]
+            if isinstance(cell, Interval) and cell.anecdotal:
+                continue
             value = cell[0] if isinstance(cell, tuple) else cell
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[r] = round(float(value), table.precision)
@@ -106,19 +141,32 @@ def to_latex(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
+INTERVAL_FIELDS = ("std", "ci_low", "ci_high", "n")
+
+
 def to_csv(table: Table) -> str:
-    """Raw numbers: a (mean, std) cell becomes two columns `<col>` and `<col>_std`."""
-    split = [any(isinstance(row[i], tuple) for row in table.rows) for i in range(len(table.columns))]
+    """Raw numbers: a (mean, std) cell becomes columns `<col>` and `<col>_std`; an `Interval` cell
+    `<col>`, `<col>_std`, `<col>_ci_low`, `<col>_ci_high`, `<col>_n`."""
+    kind = []
+    for i in range(len(table.columns)):
+        cells = [row[i] for row in table.rows]
+        kind.append("interval" if any(isinstance(c, Interval) for c in cells)
+                    else "pair" if any(isinstance(c, tuple) for c in cells) else "plain")
     header = []
-    for name, is_pair in zip(table.columns, split, strict=True):
-        header += [name, f"{name}_std"] if is_pair else [name]
+    for name, k in zip(table.columns, kind, strict=True):
+        extra = INTERVAL_FIELDS if k == "interval" else ("std",) if k == "pair" else ()
+        header += [name, *(f"{name}_{e}" for e in extra)]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header + ["best_columns"])
     for r, row in enumerate(table.rows):
         cells: list = []
         for i, cell in enumerate(row):
-            if split[i]:
+            if kind[i] == "interval":
+                values = list(cell) if isinstance(cell, Interval) else (
+                    [*cell, None, None, None] if isinstance(cell, tuple) else [cell, None, None, None, None])
+                cells += ["" if v is None else v for v in values]
+            elif kind[i] == "pair":
                 cells += list(cell) if isinstance(cell, tuple) else [cell, ""]
             else:
                 cells.append("" if cell is None else cell)
@@ -133,9 +181,7 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for suffix, text in ((".md", to_markdown(table)), (".tex", to_latex(table)), (".csv", to_csv(table))):
-        path = out_dir / f"{table.name}{suffix}"
-        path.write_text(text)
-        paths.append(path)
+        paths.append(atomic_write(out_dir / f"{table.name}{suffix}", text))
     return paths
 
 

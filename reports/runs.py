@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness.core.errors import UserError
 from harness.core.files import read_json, read_jsonl
+from harness.stats import verdicts_by_doc
 
 RESULTS_GLOB = "results_*.json"
 SWEEP_GLOB = "sweep_summary_*.json"
@@ -34,10 +35,19 @@ class TaskResult:
     task: str
     metrics: dict[str, float]
     samples_path: Path | None = None
+    _verdicts: dict[str, list[bool]] | None = field(default=None, repr=False, compare=False)
 
     def get(self, key: str) -> float | None:
         value = self.metrics.get(key)
         return None if value is None else float(value)
+
+    def verdicts_by_doc(self) -> dict[str, list[bool]]:
+        """doc id -> every sample's verdict (pooled over seeds), from the samples file."""
+        if self.samples_path is None:
+            raise ReportInputError(f"task {self.task}: no samples file next to its results file")
+        if self._verdicts is None:
+            self._verdicts = verdicts_by_doc(read_samples(self.samples_path))
+        return self._verdicts
 
 
 @dataclass
@@ -190,6 +200,9 @@ class Sweep:
     best_top_p: float
     best_pass1: float
     best_std: float | None = None
+    best_ci_low: float | None = None
+    best_ci_high: float | None = None
+    cross_validated: dict | None = None  # the k-fold static baseline (harness.sweep.cross_validate)
 
 
 def load_sweep(path: Path) -> Sweep:
@@ -206,6 +219,9 @@ def load_sweep(path: Path) -> Sweep:
         best_top_p=float(_require(data, "best_top_p", path)),
         best_pass1=float(_require(data, "best_pass@1", path)),
         best_std=data.get("best_pass@1_std"),
+        best_ci_low=data.get("best_ci_low"),
+        best_ci_high=data.get("best_ci_high"),
+        cross_validated=data.get("cross_validated"),
     )
 
 

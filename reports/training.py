@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from harness.core.files import read_jsonl
-from reports.pass1 import SCALE
+from reports.pass1 import interval
 from reports.render import Table, mark_best, new_figure, save_figure, write_table
 from reports.runs import ReportInputError, Run, find_files
 
@@ -97,15 +97,14 @@ def candidates_table(candidates: list[Run], name: str) -> Table:
         row = [key[0], key[1], step]
         for task in tasks:
             result = run.tasks.get(task)
-            value = result.get("pass@1") if result else None
-            std = result.get("pass@1_std") if result else None
-            row.append(None if value is None else (value * SCALE, (std or 0.0) * SCALE))
+            row.append(interval(result) if result else None)
         blocks.setdefault(key[0], []).append(len(rows))
         rows.append(row)
     table = Table(name=name, title="Training candidates evaluated on validation tasks (Pass@1 %)",
                   columns=["Training run", "Candidate", "Step", *tasks], rows=rows,
-                  notes=["Bold = best candidate per task within a training run: pick heads by this, "
-                         "not by the last step."])
+                  notes=["Pass@1 in % [95% interval over problems]; † = fewer than 10 problems (anecdotal, never "
+                         "bold). Bold = best candidate per task within a training run: pick heads by this, on "
+                         "validation problems, not by the last step — and never on the test problems."])
     for block in blocks.values():
         mark_best(table, list(range(3, len(table.columns))), rows=block)
     return table

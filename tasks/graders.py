@@ -38,6 +38,15 @@ class MathGrader(Grader):
                                       timeout=float(self.options.get("check_timeout", math_grader.CHECK_TIMEOUT_S)))
 
 
+class OfficialGrader(Grader):
+    """The paper's own answer check (tasks.official_grader): for numbers comparable with its tables."""
+
+    def grade(self, doc, response):
+        from tasks import official_grader
+
+        return official_grader.grade(doc, response)
+
+
 class ChoiceGrader(Grader):
     def grade(self, doc, response):
         from tasks import choice_grader
@@ -97,7 +106,10 @@ GRADERS: dict[str, type[Grader]] = {
     "choice": ChoiceGrader,
     "ifeval": IFEvalGrader,
     "code": CodeGrader,
+    "official": OfficialGrader,
 }
+GRADINGS = ("default", "official")  # `--grading`: the task's own grader, or the paper's check (math, choice)
+OFFICIAL_APPLIES_TO = ("math", "choice")
 
 
 def get_grader(name: str, options: dict | None = None) -> Grader:

@@ -22,7 +22,7 @@ import yaml
 
 from harness.core.errors import UserError
 from harness.core.paths import data_dir as resolve_data_dir
-from tasks.graders import Grader, get_grader
+from tasks.graders import GRADINGS, OFFICIAL_APPLIES_TO, Grader, get_grader
 from tasks.verdict import Verdict
 
 TASKS_DIR = Path(__file__).resolve().parent
@@ -118,9 +118,22 @@ class Task:
         self.metadata: dict = dict(self.config.get("metadata") or {})
         self.dataset_options = {**(self.config.get("dataset_kwargs") or {}), **options}
         self.source = self.dataset_options.pop("source")
-        self.grader: Grader = get_grader(self.metadata["grader"], self.metadata)
+        self.grading = self.dataset_options.pop("grading", "default")
+        self.grader: Grader = get_grader(self._grader_name(), self.metadata)
         self._doc_to_text = _resolve(self.config["doc_to_text"], path)
         self._docs: list[dict] | None = None
+
+    def _grader_name(self) -> str:
+        """The YAML's grader, or the paper's check under ``grading=official`` (math and choice tasks)."""
+        if self.grading not in GRADINGS:
+            raise UnknownTaskError(f"grading {self.grading!r} is not one of {', '.join(GRADINGS)}")
+        if self.grading == "default":
+            return self.metadata["grader"]
+        if self.metadata["grader"] not in OFFICIAL_APPLIES_TO:
+            raise UnknownTaskError(f"{self.name}: grading=official applies to math and multiple-choice tasks, "
+                                   f"not to a {self.metadata['grader']} task")
+        self.config = {**self.config, "grading": "official"}  # recorded in the results files' configs
+        return "official"
 
     def __repr__(self) -> str:
         where = self.data_dir or "hub"
@@ -191,7 +204,8 @@ def get_task(name: str, data_dir: str | Path | None = None, **options: Any) -> T
     return Task(name, tasks[name], resolve_data_dir(data_dir), options)
 
 
-def load_tasks(names: str | Iterable[str], data_dir: str | Path | None = None) -> list[Task]:
-    """Every task named (groups expanded; a comma-separated string works), loaded with ``data_dir``."""
+def load_tasks(names: str | Iterable[str], data_dir: str | Path | None = None, **options: Any) -> list[Task]:
+    """Every task named (groups expanded; a comma-separated string works), loaded with ``data_dir``
+    and ``options`` (e.g. ``grading="official"``)."""
     folder = resolve_data_dir(data_dir)
-    return [get_task(name, data_dir=folder) for name in expand(names)]
+    return [get_task(name, data_dir=folder, **options) for name in expand(names)]

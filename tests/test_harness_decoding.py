@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from harness.backends.hf import RowSampler
 from harness.decoding import (
     PRESETS,
     PresetError,
+    for_model,
     get_preset,
     min_p_filter,
     parse_spec,
@@ -29,8 +31,9 @@ def kept(logits: torch.Tensor) -> set[int]:
 
 def test_registry_holds_every_preset_and_keys_are_canonical():
     assert PAPER_PRESETS <= set(PRESETS)
+    needs = {"meanshift": {"temperature": 0.4, "top_p": 0.9}}  # presets that take no defaults
     for name in PRESETS:
-        preset = get_preset(name)
+        preset = get_preset(name, **needs.get(name, {}))
         assert preset.name == name and parse_spec(preset.key).key == preset.key
     assert get_preset("autodeco").heads == (True, True)
     assert get_preset("autodeco-temp").heads == (True, False)
@@ -111,3 +114,38 @@ def test_several_presets_in_one_string():
         parse_specs(" , ")
     with pytest.raises(PresetError, match="unknown decoding preset 'nope'"):
         parse_specs("greedy,nope")
+
+
+def test_meanshift_reads_an_autodeco_runs_mean_predictions(tmp_path):
+    results = tmp_path / "results_1.json"
+    results.write_text(json.dumps({"results": {"arith": {"temperature_mean": 0.31234567, "top_p_mean": 0.97},
+                                               "aime24": {"pass@1": 0.1}}}))
+    preset = parse_specs(f"greedy,meanshift:source={results},task=arith")[1]
+    assert (preset.temperature, preset.top_p, preset.do_sample) == (0.3123, 0.97, True)
+    assert preset.describe()["params"] == {"temperature": 0.3123, "top_p": 0.97, "source": str(results), "task": "arith"}
+    assert parse_spec("meanshift:temperature=0.5,top_p=0.8").key == "meanshift:temperature=0.5,top_p=0.8"
+    with pytest.raises(PresetError, match="holds tasks arith, aime24: name one with task="):
+        parse_spec(f"meanshift:source={results}")
+    with pytest.raises(PresetError, match="task 'aime24' has no temperature_mean/top_p_mean"):
+        parse_spec(f"meanshift:source={results},task=aime24")
+    with pytest.raises(PresetError, match="not found"):
+        parse_spec(f"meanshift:source={tmp_path / 'nope.json'}")
+
+
+def test_recommended_is_the_models_own_setting(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95}))
+    bare = parse_spec("recommended")
+    resolved = for_model(bare, str(model))
+    assert (resolved.temperature, resolved.top_p, resolved.key) == (0.6, 0.95, "recommended:temperature=0.6,top_p=0.95")
+    (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1}))  # SmolLM2's: no advice
+    notes = []
+    fallback = for_model(bare, str(model), log=notes.append)
+    assert (fallback.temperature, fallback.top_p) == (1.0, 1.0) and "recommends no sampling settings" in notes[0]
+    pinned = parse_spec("recommended:temperature=0.7")
+    assert for_model(pinned, str(model)) is pinned
+    from harness.runner import RunError, RunSpec
+
+    with pytest.raises(RunError, match="must be resolved"):
+        RunSpec("m", str(model), "m", "hf", bare, [0], 1).check()

@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from heads.model import AutoDecoModelForCausalLM, CheckpointError
+from heads.model import AutoDecoModelForCausalLM, CheckpointError, predict
 
 torch.set_num_threads(1)
 
@@ -121,7 +121,11 @@ def test_set_decoding_modes_and_greedy():
         top_p = model.set_decoding(False, True)(ids)
     assert torch.equal(base.logits, both.base_logits)
     torch.testing.assert_close(temp.logits, both.base_logits / both.temperature[..., None])
-    assert torch.equal(torch.isfinite(top_p.logits), torch.isfinite(reference_nucleus(both.base_logits, both.top_p)))
+    # top-p head alone (the ablation): it sees T = 1, as in the official setup, and cuts the raw logits
+    _, unit_p, _, _ = predict(model.temp_head, model.top_p_head, both.hidden, both.base_logits, unit_temperature=True)
+    torch.testing.assert_close(top_p.top_p, unit_p)
+    assert not torch.allclose(top_p.top_p, both.top_p)  # T != 1 changes what the head predicts
+    assert torch.equal(torch.isfinite(top_p.logits), torch.isfinite(reference_nucleus(both.base_logits, unit_p)))
     model.set_decoding(True, True)
     greedy = model.generate(ids, do_sample=False, max_new_tokens=3, pad_token_id=0)
     plain = model.llm.generate(ids, do_sample=False, max_new_tokens=3, pad_token_id=0)

@@ -202,6 +202,23 @@ def test_masking_inside_the_loss():
     assert none.n_dropped == 0 and none.n_kept == none.n_tokens
 
 
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_easy_token_scope(chunk_size):
+    """Dropping every easy token: scope "temperature" (official) leaves the top-p loss over all tokens,
+    scope "both" removes them from it too; the temperature loss is the same either way."""
+    logits, labels, temperature, top_p = _batch(seed=4)
+    kwargs = dict(chunk_size=chunk_size, seed=0, easy_token_drop=1.0)
+    official = autodeco_loss(logits, temperature, top_p, labels, easy_token_scope="temperature", **kwargs)
+    both = autodeco_loss(logits, temperature, top_p, labels, easy_token_scope="both", **kwargs)
+    nothing_dropped = autodeco_loss(logits, temperature, top_p, labels, chunk_size=chunk_size, easy_token_drop=0.0)
+    assert official.n_easy > 20 and official.n_dropped == official.n_easy
+    torch.testing.assert_close(official.temp_loss, both.temp_loss)
+    torch.testing.assert_close(official.top_p_loss, nothing_dropped.top_p_loss)
+    assert not torch.isclose(both.top_p_loss, nothing_dropped.top_p_loss)
+    with pytest.raises(ValueError, match="easy_token_scope"):
+        autodeco_loss(logits, temperature, top_p, labels, easy_token_scope="top_p")
+
+
 def test_bad_input_is_rejected():
     logits, labels, temperature, top_p = _batch()
     with pytest.raises(ValueError, match="at least one"):

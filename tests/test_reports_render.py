@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import shutil
 import subprocess
@@ -127,6 +128,10 @@ def test_demo_commands_parse_with_the_real_cli(tmp_path, monkeypatch):
     issued: list[list[str]] = []
     monkeypatch.setattr(demo, "autodeco", issued.append)
     config = demo.DemoConfig(out=str(tmp_path / "demo"), data_dir=str(tmp_path))
+    ours = tmp_path / "demo" / "runs" / "final"  # the AutoDeco run whose mean T/P MeanShift takes
+    ours.mkdir(parents=True)
+    (ours / "results_x.json").write_text(json.dumps({"config": {"decoding": {"name": "autodeco"}},
+                                                     "results": {"arith": {"temperature_mean": 0.5}}}))
     for title, thunk in demo.steps(config):
         if not title.startswith("write every report"):
             thunk()
@@ -138,7 +143,8 @@ def test_demo_commands_parse_with_the_real_cli(tmp_path, monkeypatch):
     commands = [argv[0] if argv[0] not in ("data", "bench") else " ".join(argv[:2]) for argv in issued]
     assert commands[:4] == ["model", "construct", "data reject-sample", "train"]
     evals = [argv for argv in issued if argv[0] == "eval"]
-    presets = {p for argv in evals for p in argv[argv.index("--decoding") + 1].split(",")}
-    assert presets == set(demo.METHODS)
-    assert len(evals) == 5  # one model load per (model, task set), one for all training candidates
+    presets = {p.split(":")[0] for argv in evals for p in argv[argv.index("--decoding") + 1].split(",")
+               if "=" not in p or ":" in p}
+    assert presets == set(demo.METHODS) | {"meanshift"}
+    assert len(evals) == 6  # one model load per (model, task set), MeanShift, one for all training candidates
     assert "sweep" in commands and "bench efficiency" in commands

@@ -63,7 +63,10 @@ class TraceRecorder:
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, max_batch_size: int = 64):
+    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, max_batch_size: int = 64,
+                 base: str | None = None):
+        """``base``: load a heads-only AutoDeco folder on this base instead of its config's
+        ``base_model_name_or_path`` (e.g. a published checkpoint whose config names an internal path)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_path = str(model)
@@ -75,11 +78,13 @@ class HFBackend(Backend):
         if self.is_autodeco:
             from heads.model import AutoDecoModelForCausalLM
 
-            self.model = AutoDecoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)
+            self.model = AutoDecoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype,
+                                                                  base_model_name_or_path=base)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)
         self.model.to(self.device).eval()
-        self.tokenizer = _load_tokenizer(AutoTokenizer, self.model_path, config)
+        self.tokenizer = _load_tokenizer(AutoTokenizer, self.model_path, config | ({"base_model_name_or_path": base}
+                                                                                   if base else {}))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = _eos_ids(self.model, self.tokenizer)

@@ -149,8 +149,9 @@ def is_merged(path: Path) -> bool:
     return False
 
 
-def merged_folder(path: str) -> str:
-    """A folder vLLM can load: ``path`` itself if merged, else a cached merge with its base."""
+def merged_folder(path: str, base: str | None = None) -> str:
+    """A folder vLLM can load: ``path`` itself if merged, else a cached merge with its base (``base``
+    instead of the config's ``base_model_name_or_path`` when given)."""
     folder = Path(path)
     if not folder.is_dir() or is_merged(folder):
         return path
@@ -159,7 +160,7 @@ def merged_folder(path: str) -> str:
     from harness.core.paths import autodeco_home
 
     stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file())
-    digest = hashlib.sha256(f"{folder.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{folder.resolve()}|{stamp}|{base or ''}".encode()).hexdigest()[:16]
     target = autodeco_home() / "merged" / f"{folder.name}-{digest}"
     if (target / "config.json").is_file():
         return str(target)
@@ -168,7 +169,7 @@ def merged_folder(path: str) -> str:
     from harness.models import resolve_model
     from heads.checkpoint import merge
 
-    base = json.loads((folder / "config.json").read_text()).get("base_model_name_or_path")
+    base = base or json.loads((folder / "config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise BackendError(f"{folder}/config.json: heads-only AutoDeco folder without `base_model_name_or_path`")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,7 @@ def merged_folder(path: str) -> str:
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, model: str, trace: bool = True, **options):
+    def __init__(self, model: str, trace: bool = True, base: str | None = None, **options):
 
         self.model_path = str(model)
         config = read_config(self.model_path)
@@ -193,7 +194,8 @@ class VLLMBackend(Backend):
         self.heads: tuple[bool, bool] | None = None  # what the loaded engine's heads do
         self.llm = None
         # AutoDeco needs no registration here: vLLM loads our `vllm.general_plugins` entry point.
-        self.engine_path = merged_folder(self.model_path) if self.is_autodeco else self.model_path
+        self.base = base
+        self.engine_path = merged_folder(self.model_path, base) if self.is_autodeco else self.model_path
         self._load(heads=(True, True) if self.is_autodeco else None)
         self.tokenizer = self.llm.get_tokenizer()
 

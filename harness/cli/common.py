@@ -21,6 +21,16 @@ class EngineOptions:
         "metavar": "KEY=VALUE"})
     out: str = field(default="outputs", metadata={"help": "output root"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+    base: str | None = field(default=None, metadata={
+        "help": "load a heads-only AutoDeco folder on this base (smollm2, a preset, a folder, a hub id) instead of "
+                "its config's base_model_name_or_path (e.g. a published checkpoint naming an internal path)"})
+
+    def engine_options(self) -> dict:
+        """The backend's options: ``--backend-arg`` pairs, plus the resolved ``--base``."""
+        from harness.backends import parse_options
+        from harness.models import resolve_model
+
+        return parse_options(self.backend_arg) | ({"base": resolve_model(self.base)} if self.base else {})
 
 
 def tracker_factory(mode: str, job_type: str, group: str | None = None):

@@ -26,7 +26,7 @@ from pathlib import Path
 from harness.core import config as configs
 from harness.core.config import FieldError
 from harness.core.errors import UserError
-from harness.core.files import atomic_write_json
+from harness.core.files import atomic_write_json, read_json
 
 IN_DOMAIN = "arith"
 MODEL = "smollm2"
@@ -104,6 +104,8 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
         base, ours = ",".join(METHODS[:2]), ",".join(METHODS[2:])
         autodeco(eval_args(cfg, MODEL, IN_DOMAIN, base, runs, cfg.eval_limit))
         autodeco(eval_args(cfg, str(trained), IN_DOMAIN, ours, runs, cfg.eval_limit))
+        # SimpleDeco's MeanShift: the base model at the mean T and P that AutoDeco itself predicted here.
+        autodeco(eval_args(cfg, MODEL, IN_DOMAIN, meanshift_spec(runs / trained.name), runs, cfg.eval_limit))
         if cfg.bench_tasks:
             tasks = cfg.bench_tasks
             autodeco(eval_args(cfg, MODEL, tasks, base, runs, cfg.bench_limit))
@@ -133,8 +135,9 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
             train_config() + ["--model", str(init), "--train_file", str(data), "--output_dir", str(train),
                               "--max_steps", str(cfg.train_steps),
                               "--save_steps", str(max(1, cfg.train_steps // 3))])),
-        ("evaluate greedy / default / autodeco (+ ablations)", evaluate_all),
-        ("oracle sweep (T at P=1, then P at best T)", lambda: autodeco(sweep)),
+        ("evaluate greedy / default / autodeco (+ ablations) / meanshift", evaluate_all),
+        ("static sweep: greedy + T at P=1, then P at best T (test-set oracle + cross-validated)",
+         lambda: autodeco(sweep)),
         ("evaluate every training checkpoint (candidates)", lambda: autodeco(
             eval_args(cfg, str(train), IN_DOMAIN, "autodeco", out / "candidates", cfg.eval_limit // 2))),
         ("efficiency bench", lambda: autodeco(
@@ -147,25 +150,62 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
     ]
 
 
-def headline(out: Path) -> list[str]:
-    """AutoDeco vs default vs greedy vs oracle on held-out arith, from the result files."""
-    from reports.runs import find_runs, find_sweeps
+def meanshift_spec(autodeco_runs: Path) -> str:
+    """``meanshift:source=<the AutoDeco in-domain results file>,task=arith`` (its newest such file)."""
+    found = sorted(autodeco_runs.glob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(found):
+        decoding = read_json(path).get("config", {}).get("decoding", {})
+        if decoding.get("name") == "autodeco" and IN_DOMAIN in read_json(path).get("results", {}):
+            return f"meanshift:source={path},task={IN_DOMAIN}"
+    raise DemoStepFailed(f"no autodeco results for {IN_DOMAIN} under {autodeco_runs} to take MeanShift's T and P from")
 
-    values = {}
-    for run in find_runs([out / "runs"]):
+
+def headline(out: Path) -> list[str]:
+    """Each method's Pass@1 with its 95% interval over problems, and AutoDeco's paired differences
+    with every baseline (harness.stats), on held-out arith, read back from the result files."""
+    from reports.paired import paired_lines
+    from reports.pass1 import interval
+    from reports.render import Interval
+    from reports.runs import ReportInputError, find_runs, find_sweeps
+
+    runs = find_runs([out / "runs"])
+    sweeps = [s for s in find_sweeps([out / "runs"]) if s.task == IN_DOMAIN]
+    for run in runs:  # the trained heads' folder is `final`: put it in SmolLM2's block
+        run.model_name = MODEL if run.model_name == "final" else run.model_name
+    cells = {}
+    for run in runs:
         if not run.sweep and IN_DOMAIN in run.tasks:
-            result = run.tasks[IN_DOMAIN]
-            values[run.label] = (result.get("pass@1"), result.get("pass@1_std"))
+            cells[run.label] = (interval(run.tasks[IN_DOMAIN]), run.tasks[IN_DOMAIN])
     lines = []
-    for method in METHODS:
-        if method in values:
-            mean, std = values[method]
-            lines.append(f"  {method:<16} Pass@1 = {100 * mean:5.1f} ± {100 * (std or 0):.1f} %")
-    for sweep in find_sweeps([out / "runs"]):
-        if sweep.task == IN_DOMAIN:
-            lines.append(f"  {'oracle':<16} Pass@1 = {100 * sweep.best_pass1:5.1f} %  "
-                         f"(T={sweep.best_temperature:g}, P={sweep.best_top_p:g}, tuned on the test split)")
+
+    def line(name: str, cell, how: str = "") -> None:
+        ci = "" if cell.low is None else f" [{cell.low:5.1f}, {cell.high:5.1f}]"
+        flag = "  (anecdotal: < 10 problems)" if cell.anecdotal else ""
+        lines.append(f"  {name:<16} Pass@1 = {cell.mean:5.1f}%{ci}  n = {cell.n}{how}{flag}")
+
+    for label, (cell, result) in sorted(cells.items(), key=lambda kv: _order(kv[0])):
+        size = f" problems × {int(result.get('n_samples_per_doc') or 0)} samples"
+        line(label, cell, size)
+    for sweep in sweeps:
+        cv = sweep.cross_validated
+        if cv:
+            line("static (CV)", Interval(100 * cv["pass@1"], None, 100 * cv["ci_low"], 100 * cv["ci_high"],
+                                         cv["n_problems"]), "  (grid tuned on held-out folds)")
+        best = "greedy" if sweep.best_temperature == 0 else f"T={sweep.best_temperature:g}, P={sweep.best_top_p:g}"
+        lines.append(f"  {'oracle':<16} Pass@1 = {100 * sweep.best_pass1:5.1f}%  ({best}, tuned on the test "
+                     f"problems themselves: optimistic)")
+    lines.append("  paired differences (AutoDeco − baseline, same problems, 95% CI, paired t-test):")
+    try:
+        lines += ["    " + text for text in paired_lines(runs, sweeps, IN_DOMAIN, "autodeco", MODEL)]
+    except ReportInputError as err:
+        lines.append(f"    ({err})")
     return lines
+
+
+def _order(label: str) -> tuple[int, str]:
+    order = ["greedy", "default", "meanshift", "autodeco-temp", "autodeco-top-p", "autodeco"]
+    base = label.split("(")[0].split(":")[0]
+    return (order.index(base) if base in order else len(order), label)
 
 
 def run_demo(cfg: DemoConfig) -> int:

@@ -38,7 +38,11 @@ example:
   autodeco sweep --model smollm2 --tasks arith --temperatures 0.1:1.0:0.1 --top-ps 0.1:1.0:0.1 --seeds 8 --samples 16
   autodeco sweep --config configs/sweeps/paper.yaml --model r1-distill-qwen-7b
 
-writes one results file per grid point and <out>/<model_name>/sweep_summary_<task>.json
+Greedy (T = 0) is always a grid point, so the oracle is never below greedy; when greedy wins, the
+top-p grid is skipped (greedy has no P). The summary also holds a cross-validated static baseline:
+5 folds of problems, each scored with the grid point that was best on the other folds (honest,
+unlike the test-set oracle); `autodeco report oracle` and `report paired` show both.
+Writes one results file per grid point and <out>/<model_name>/sweep_summary_<task>.json.
 """
 
 
@@ -56,6 +60,9 @@ class RunOptions(EngineOptions):
                                                                  "else the hub)"})
     wandb: str = field(default="auto", metadata={"help": "W&B logging: auto = online if logged in, else offline files",
                                                   "choices": ("auto", "offline", "online", "off")})
+    grading: str = field(default="default", metadata={
+        "help": "default = each task's own grader; official = the paper's boxed-answer check (math and "
+                "multiple-choice tasks), for numbers like-for-like with its tables", "choices": ("default", "official")})
 
     def check(self) -> None:
         if not self.tasks:
@@ -84,13 +91,16 @@ class SweepConfig(RunOptions):
 
 def _specs(cfg: RunOptions, target, presets: list):
     """The run's settings per preset, checked by ``RunSpec.check`` (the one place that knows the bounds)."""
+    from harness.decoding import for_model
     from harness.runner import RunSpec
 
     specs = []
     for preset in presets:
+        preset = for_model(preset, target.path, log=log)
         spec = RunSpec(model=cfg.model, model_path=target.path, model_name=target.name, backend=cfg.backend,
                        preset=preset, seeds=list(range(cfg.seeds)), samples=cfg.samples, limit=cfg.limit,
-                       max_tokens=cfg.max_tokens, candidate=target.candidate)
+                       max_tokens=cfg.max_tokens, candidate=target.candidate,
+                       base=cfg.engine_options().get("base"))
         spec.check()
         specs.append(spec)
     return specs
@@ -102,7 +112,7 @@ def cmd_eval(args) -> int:
     The candidates of a training run share their base, so after the first one is loaded the
     others only swap head weights into it (``Backend.load_heads``) where the backend can.
     """
-    from harness.backends import loaded_in_turn, parse_options
+    from harness.backends import loaded_in_turn
     from harness.decoding import parse_specs
     from harness.models import resolve_targets
     from harness.runner import check_output, evaluate
@@ -110,8 +120,8 @@ def cmd_eval(args) -> int:
 
     cfg = configs.from_args(EvalConfig, args)
     presets = parse_specs(cfg.decoding)
-    options = parse_options(cfg.backend_arg)
-    tasks = load_tasks(cfg.tasks, cfg.data_dir)
+    options = cfg.engine_options()
+    tasks = load_tasks(cfg.tasks, cfg.data_dir, grading=cfg.grading)
     targets = resolve_targets(cfg.model)
     specs = [_specs(cfg, target, presets) for target in targets]
     for target_specs in specs:  # refuse a conflicting output dir before loading any model
@@ -135,7 +145,7 @@ def _print_results(path: Path) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from harness.backends import get_backend, parse_options
+    from harness.backends import get_backend
     from harness.core.errors import UserError
     from harness.decoding import get_preset
     from harness.models import resolve_targets
@@ -151,8 +161,8 @@ def cmd_sweep(args) -> int:
         raise UserError(str(err)) from None
     if min(temperatures) <= 0 or not all(0 < p <= 1 for p in top_ps):
         raise UserError("temperatures must be > 0 and top-ps in (0, 1]")
-    options = parse_options(cfg.backend_arg)
-    tasks = load_tasks(cfg.tasks, cfg.data_dir)
+    options = cfg.engine_options()
+    tasks = load_tasks(cfg.tasks, cfg.data_dir, grading=cfg.grading)
     targets = resolve_targets(cfg.model)
     if len(targets) != 1:
         raise UserError("sweep takes one model, not a training run folder")
@@ -186,7 +196,8 @@ def register(subparsers) -> None:
     configs.add_arguments(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
-    s = subparsers.add_parser("sweep", help="oracle static-decoding sweep: T grid at P=1, then P grid at the best T",
+    s = subparsers.add_parser("sweep", help="static-decoding sweep: greedy + T grid at P=1, then P grid at the best T; "
+                                            "test-set oracle and a cross-validated baseline",
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SWEEP_EPILOG)
     s.add_argument("--config", help="YAML whose keys are the options below (configs/sweeps/); flags given here win")
     configs.add_arguments(s, SweepConfig)

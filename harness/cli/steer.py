@@ -46,7 +46,7 @@ class SteerOptions(EngineOptions):
 
 def cmd_steer(args) -> int:
     from harness import steer
-    from harness.backends import loaded_in_turn, parse_options
+    from harness.backends import loaded_in_turn
     from harness.models import require_autodeco, resolve_targets
 
     source = Path(args.config or steer.DEFAULT_CONFIG)
@@ -54,7 +54,7 @@ def cmd_steer(args) -> int:
     config = steer.parse_config({"prompts": cfg.prompts, "commands": cfg.commands}, source)
     config.prompts = config.prompts[: cfg.limit] if cfg.limit else config.prompts
     seeds = list(range(cfg.seeds))
-    options = parse_options(cfg.backend_arg)
+    options = cfg.engine_options()
     targets = resolve_targets(cfg.model)
     for target in targets:  # refuse a plain model before loading anything
         require_autodeco(target.path, "steering measures the AutoDeco heads' T and P")

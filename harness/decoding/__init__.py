@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.core.errors import UserError
+from harness.core.files import read_json
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that `autodeco --help` stays instant
     import torch
@@ -182,6 +184,7 @@ PROCESSORS: dict[str, Callable[..., LogitsFn]] = {"top-n-sigma": top_n_sigma, "e
 # The registry
 
 PRESETS: dict[str, Callable[..., DecodingPreset]] = {}
+STRING_PARAMS = ("source", "task")  # parameters read as text (a file path, a task name); the rest are numbers
 PRESET_HELP: dict[str, str] = {}
 
 
@@ -232,6 +235,83 @@ def _autodeco_temp() -> DecodingPreset:
 @preset("autodeco-top-p", "AutoDeco top-p head only (T=1)")
 def _autodeco_top_p() -> DecodingPreset:
     return DecodingPreset("autodeco-top-p", heads=(False, True))
+
+
+@preset("meanshift", "static T and P at the mean of an AutoDeco model's own predictions (SimpleDeco's MeanShift): "
+                     "meanshift:source=RESULTS.json[,task=NAME] reads them from an AutoDeco run's results file; "
+                     "or meanshift:temperature=T,top_p=P")
+def _meanshift(temperature: float | None = None, top_p: float | None = None, source: str = "",
+               task: str = "") -> DecodingPreset:
+    """A static (T, P) pair named for where it came from: the ``temperature_mean`` and ``top_p_mean``
+    that an AutoDeco run measured over its generated tokens on ``task`` (stored in the params)."""
+    if source:
+        _check(temperature is None and top_p is None, "give source= or temperature=/top_p=, not both")
+        temperature, top_p, task = _measured_means(source, task)
+    _check(temperature is not None and top_p is not None, "needs source=RESULTS.json or temperature= and top_p=")
+    _check(isinstance(temperature, (int, float)) and temperature > 0, "temperature must be > 0")
+    _check(isinstance(top_p, (int, float)) and 0 < top_p <= 1, "top_p must be in (0, 1]")
+    temperature, top_p = round(float(temperature), 4), round(float(top_p), 4)
+    params = {"temperature": temperature, "top_p": top_p} | ({"source": source, "task": task} if source else {})
+    return DecodingPreset("meanshift", params, temperature=temperature, top_p=top_p)
+
+
+def _measured_means(source: str, task: str) -> tuple[float, float, str]:
+    results = read_json(source, PresetError).get("results")
+    _check(isinstance(results, dict) and results, f"{source}: no `results` block")
+    if not task:
+        _check(len(results) == 1, f"{source} holds tasks {', '.join(results)}: name one with task=")
+        task = next(iter(results))
+    _check(task in results, f"{source} has no task {task!r} (it has {', '.join(results)})")
+    metrics = results[task]
+    _check(metrics.get("temperature_mean") is not None and metrics.get("top_p_mean") is not None,
+           f"{source}: task {task!r} has no temperature_mean/top_p_mean (not an AutoDeco run)")
+    return float(metrics["temperature_mean"]), float(metrics["top_p_mean"]), task
+
+
+@preset("recommended", "the model's own generation_config.json temperature / top_p / top_k "
+                       "(default sampling, with a note, where it has none)")
+def _recommended(temperature: float | None = None, top_p: float | None = None, top_k: int = 0) -> DecodingPreset:
+    """Bare ``recommended`` is resolved per model by ``for_model`` (the parameters are then what the
+    model's file says); ``recommended:temperature=...`` pins them."""
+    if temperature is None and top_p is None:
+        return DecodingPreset("recommended")  # unresolved: for_model fills it in
+    temperature, top_p = 1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p
+    _check(temperature > 0 and 0 < top_p <= 1 and top_k >= 0, "need temperature > 0, top_p in (0, 1], top_k >= 0")
+    params = {"temperature": float(temperature), "top_p": float(top_p)} | ({"top_k": int(top_k)} if top_k else {})
+    return DecodingPreset("recommended", params, temperature=temperature, top_p=top_p, top_k=int(top_k))
+
+
+def for_model(preset: DecodingPreset, model_path: str, log: Callable[[str], None] = print) -> DecodingPreset:
+    """Presets that depend on the model, resolved for one: ``recommended`` reads the model's
+    ``generation_config.json`` (a local folder's file; hub ids through transformers). Others pass."""
+    if preset.name != "recommended" or preset.params:
+        return preset
+    found = _generation_defaults(model_path)
+    if not found:
+        log(f"note: {model_path} recommends no sampling settings (no temperature/top_p in its "
+            f"generation_config.json); `recommended` = default sampling (T=1, P=1) for it")
+        found = {"temperature": 1.0, "top_p": 1.0}
+    return get_preset("recommended", **found)
+
+
+def _generation_defaults(model_path: str) -> dict:
+    folder = Path(model_path)
+    if folder.is_dir():
+        file = folder / "generation_config.json"
+        config = read_json(file, PresetError) if file.is_file() else {}
+    else:
+        from transformers import GenerationConfig  # heavy; hub ids only
+
+        try:
+            config = GenerationConfig.from_pretrained(model_path).to_dict()
+        except OSError:
+            config = {}
+    if not config.get("do_sample", True) or config.get("temperature") is None and config.get("top_p") is None:
+        return {}
+    found = {"temperature": config.get("temperature") or 1.0, "top_p": config.get("top_p") or 1.0}
+    if config.get("top_k") and int(config["top_k"]) != 50:  # 50 is transformers' default, not the model's advice
+        found["top_k"] = int(config["top_k"])
+    return found
 
 
 @preset("min-p", "min-p sampling (min_p=0.1, temperature=1.0)")
@@ -296,7 +376,8 @@ def parse_spec(spec: str) -> DecodingPreset:
         key, eq, value = item.partition("=")
         if not eq:
             raise PresetError(f"bad decoding parameter {item!r} in {spec!r}; expected key=value")
-        params[key.strip().replace("-", "_")] = _number(value.strip(), spec)
+        key = key.strip().replace("-", "_")
+        params[key] = value.strip() if key in STRING_PARAMS else _number(value.strip(), spec)
     return get_preset(name, **params)
 
 

@@ -31,6 +31,9 @@ class AutoDecoArguments:
     head_width: int = field(default=256, metadata={"help": "hidden width of each head MLP"})
     alpha: float = field(default=30.0, metadata={"help": "steepness of the soft top-p mask"})
     easy_token_drop: float = field(default=0.6, metadata={"help": "drop prob. of tokens where base argmax == label"})
+    easy_token_scope: str = field(default="temperature", metadata={
+        "help": "which loss the dropped easy tokens leave: temperature (the official trainer) or both",
+        "choices": ("temperature", "both")})
     dft_weighting: bool = field(default=True, metadata={"help": "weight token losses by the base prob. of the label"})
     min_temperature: float = field(default=1e-2, metadata={"help": "floor on T inside the loss"})
     loss_chunk_size: int = field(default=DEFAULT_LOSS_CHUNK, metadata={
@@ -42,6 +45,7 @@ class AutoDecoArguments:
         for ok, name, message in (
             (self.train_temperature or self.train_top_p, "train_top_p", "enable at least one head (train_temperature/train_top_p)"),
             (0.0 <= self.easy_token_drop <= 1.0, "easy_token_drop", "must be in [0, 1]"),
+            (self.easy_token_scope in ("temperature", "both"), "easy_token_scope", "must be temperature or both"),
             (self.alpha > 0, "alpha", "must be > 0"),
             (self.head_width >= 1, "head_width", "must be >= 1"),
             (self.max_rows >= 0, "max_rows", "must be >= 0"),

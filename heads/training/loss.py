@@ -370,6 +370,9 @@ def _is_easy(logits2d: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, c
     return easy
 
 
+EASY_TOKEN_SCOPES = ("temperature", "both")  # which loss(es) the dropped easy tokens leave
+
+
 def autodeco_loss(
     base_logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -380,6 +383,7 @@ def autodeco_loss(
     train_top_p: bool = True,
     alpha: float = 30.0,
     easy_token_drop: float = 0.6,
+    easy_token_scope: str = "temperature",
     dft_weighting: bool = True,
     generator: torch.Generator | None = None,
     seed: int | None = None,
@@ -393,12 +397,16 @@ def autodeco_loss(
     ``base_logits`` [B, L, V] (frozen; no gradient), ``temperature`` and ``top_p`` [B, L] from the
     heads, ``labels`` [B, L] with -100 on prompt/padding tokens; position t predicts labels[t + 1].
     T is floored at ``min_temperature`` (as the official trainer does). ``generator`` or ``seed``
-    makes the easy-token draws reproducible. ``chunk_size=None`` runs the direct autograd form
+    makes the easy-token draws reproducible. ``easy_token_scope`` says which loss the dropped easy
+    tokens leave: ``"temperature"`` (the official HF trainer: the top-p loss still sees every
+    token) or ``"both"``. ``chunk_size=None`` runs the direct autograd form
     (the reference; O(L × V) memory); otherwise ``kernel`` picks the chunked implementation:
     ``numba`` (CPU, fused), ``torch`` (any device) or ``auto``.
     """
     if not (train_temperature or train_top_p):
         raise ValueError("autodeco_loss: enable at least one of train_temperature / train_top_p")
+    if easy_token_scope not in EASY_TOKEN_SCOPES:
+        raise ValueError(f"autodeco_loss: easy_token_scope must be one of {', '.join(EASY_TOKEN_SCOPES)}")
     if base_logits.dim() != 3 or temperature.shape != base_logits.shape[:2] or labels.shape != temperature.shape:
         raise ValueError(
             f"autodeco_loss: expected logits [B, L, V] and temperature/top_p/labels [B, L]; got "
@@ -421,13 +429,16 @@ def autodeco_loss(
     easy = _is_easy(logits2d, rows, targets, chunk_size or DEFAULT_CHUNK)
     dropped = easy_token_drop_mask(easy, easy_token_drop, generator)
     keep = ~dropped
-    rows, targets, b_idx, t_idx = rows[keep], targets[keep], b_idx[keep], t_idx[keep]
+    counts = dict(n_tokens=int(easy.numel()), n_easy=int(easy.sum()), n_dropped=int(dropped.sum()))
+    # The top-p loss keeps every token when the mask is the temperature loss's alone (and it is trained).
+    all_rows = easy_token_scope == "temperature" and train_top_p
+    if not all_rows:
+        rows, targets, b_idx, t_idx, keep = rows[keep], targets[keep], b_idx[keep], t_idx[keep], keep[keep]
     temp_rows = temperature[b_idx, t_idx].clamp_min(min_temperature)
     top_p_rows = top_p[b_idx, t_idx] if train_top_p else None
-    counts = dict(n_tokens=int(easy.numel()), n_easy=int(easy.sum()), n_dropped=int(dropped.sum()))
 
-    n_kept = int(rows.numel())
-    if n_kept == 0:  # nothing to learn from in this batch: a zero that keeps the graph
+    n_kept = int(keep.sum())
+    if n_kept == 0 and not (all_rows and rows.numel()):  # nothing to learn from: a zero that keeps the graph
         zero = temperature.sum() * 0.0 + (top_p.sum() * 0.0 if train_top_p else 0.0)
         return AutoDecoLoss(zero, zero.detach(), zero.detach() if train_top_p else None, n_kept=0, **counts)
 
@@ -441,10 +452,11 @@ def autodeco_loss(
             _select_kernel(kernel, base_logits.device),
         )
     weight = base_prob.detach() if dft_weighting else torch.ones_like(base_prob)
-    temp_loss = (ce_temp * weight).sum() / n_kept
-    top_p_loss = (ce_top * weight).sum() / n_kept if train_top_p else None
+    kept = keep.to(weight.dtype)
+    temp_loss = (ce_temp * weight * kept).sum() / max(n_kept, 1)
+    top_p_loss = (ce_top * weight).sum() / rows.numel() if train_top_p else None
     loss = (temp_loss if train_temperature else 0.0) + (top_p_loss if train_top_p else 0.0)
     return AutoDecoLoss(loss=loss, temp_loss=temp_loss, top_p_loss=top_p_loss, n_kept=n_kept, **counts)
 
 
-__all__ = ["soft_top_p_probs", "autodeco_loss", "AutoDecoLoss", "easy_token_drop_mask"]
+__all__ = ["EASY_TOKEN_SCOPES", "soft_top_p_probs", "autodeco_loss", "AutoDecoLoss", "easy_token_drop_mask"]

@@ -172,7 +172,8 @@ class AutoDecoTrainer(SFTTrainer):
         out = autodeco_loss(
             base_logits, temperature, top_p, inputs["labels"],
             train_temperature=cfg.train_temperature, train_top_p=cfg.train_top_p, alpha=cfg.alpha,
-            easy_token_drop=cfg.easy_token_drop, dft_weighting=cfg.dft_weighting, generator=generator,
+            easy_token_drop=cfg.easy_token_drop, easy_token_scope=cfg.easy_token_scope,
+            dft_weighting=cfg.dft_weighting, generator=generator,
             min_temperature=cfg.min_temperature, chunk_size=cfg.loss_chunk_size,
         )
         mode = "train" if model.training else "eval"
