@@ -99,7 +99,7 @@ def build_table(cells: dict, name: str, title: str, tasks: list[str] | None = No
         row: list = [model, method]
         for task in tasks:
             row.append(values.get(task))
-        present = [values[t][0] for t in tasks if t in values]
+        present = [v[0] if isinstance(v, tuple) else v for t in tasks if (v := values.get(t)) is not None]
         row.append(sum(present) / len(present) if len(present) == len(tasks) else None)
         if model not in blocks:
             midrules.add(len(rows))
