@@ -85,3 +85,20 @@ def test_trace_recorder_and_reader(tmp_path, monkeypatch):
     assert temps == pytest.approx([0.7, 0.9, 1.1]) and top_ps == pytest.approx([0.2, 0.3, 0.4])
     lines = [json.loads(x) for f in tmp_path.glob("trace-*.jsonl") for x in f.read_text().splitlines()]
     assert len(lines) == 4
+
+
+def test_cpu_threads_bound_to_every_allowed_core_unless_chosen(monkeypatch):
+    import os
+
+    from harness.backends.vllm import bind_cpu_threads
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    said = []
+    cores = sorted(os.sched_getaffinity(0))
+    binding = bind_cpu_threads(log=said.append)
+    assert binding == os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    assert binding in (f"{cores[0]}-{cores[-1]}", ",".join(map(str, cores)))
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and binding in said[0]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's choice wins
+    assert bind_cpu_threads(log=said.append) is None and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"

