@@ -2,7 +2,7 @@
 of the difference and a paired t-test (harness.stats.paired_difference).
 
 Within a model block (model names after ``--alias``), every method is compared with every baseline
-present — default sampling, greedy, the model's recommended setting, SimpleDeco's MeanShift and the
+present (a baseline with those listed before it: greedy − default, ...) — default sampling, greedy, the model's recommended setting, SimpleDeco's MeanShift and the
 cross-validated static baseline from a sweep (``static (CV)``) — on the problems both ran. A row says
 how many problems the difference rests on; † marks fewer than 10 (anecdotal), ▲/▼ a difference
 with p < 0.05. The figure draws each difference with its interval (a forest plot per task).
@@ -43,9 +43,11 @@ def comparisons(runs: list[Run], sweeps: list[Sweep], tasks: list[str] | None = 
     out = []
     for (model, method, task), verdicts in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][2],
                                                                                   method_rank(kv[0][1]))):
-        if (tasks and task not in tasks) or method in baselines:
+        if tasks and task not in tasks:
             continue
-        for baseline in baselines:
+        # a baseline is compared with the baselines listed before it (greedy − default), others with all
+        against = baselines[: baselines.index(method)] if method in baselines else baselines
+        for baseline in against:
             other = found.get((model, baseline, task))
             if other is None:
                 continue

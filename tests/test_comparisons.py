@@ -104,7 +104,7 @@ def test_interval_fields_sweep_and_paired_report_on_smollm2(tmp_path, smollm2_pa
     assert main(["report", "paired", "--runs", str(out), "--out", str(reports)]) == 0
     assert main(["report", "oracle", "--runs", str(out), "--out", str(reports)]) == 0
     rows = list(__import__("csv").DictReader((reports / "paired.csv").open()))
-    row = next(r for r in rows if r["Method"] == "default" and r["Baseline"] == "greedy")
+    row = next(r for r in rows if r["Method"] == "greedy" and r["Baseline"] == "default")
 
     def accuracy(name):
         samples = next((out / "smollm2").glob(f"samples_arith_{files[name].stem.removeprefix('results_')}.jsonl"))
@@ -114,7 +114,7 @@ def test_interval_fields_sweep_and_paired_report_on_smollm2(tmp_path, smollm2_pa
             by_doc.setdefault(r["doc_id"], []).append(r["correct"])
         return {d: np.mean(v) for d, v in by_doc.items()}
 
-    a, b = accuracy("default"), accuracy("greedy")
+    a, b = accuracy("greedy"), accuracy("default")
     diff = np.array([a[d] - b[d] for d in sorted(a)])
     assert float(row["Δ [95% CI]"]) == pytest.approx(100 * diff.mean())
     if diff.std() > 0:
