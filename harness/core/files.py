@@ -25,12 +25,17 @@ def timestamp() -> str:
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file beside it + rename."""
+    """Write ``text`` to ``path`` (UTF-8) through a temp file beside it + rename.
+
+    A lone surrogate (``"\\ud800"`` read from a JSON file) cannot be UTF-8: it is written as the
+    six characters ``\\ud800``, which is the same JSON escape it came from, so a JSON text stays
+    valid JSON that reads back to the same string, and every file written here is valid UTF-8.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8", errors="surrogatepass") as handle:
+        with tmp.open("w", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(text)
         os.replace(tmp, path)
     finally:
