@@ -47,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
     layers = [(args.config, configs.load_yaml(args.config))] if args.config else []
     config = configs.build(AutoDecoTrainingConfig, *layers, (configs.COMMAND_LINE, overrides))
     final = train(config)
-    print(f"heads saved to {final}")
+    print(f"heads: {final}")
     return 0
 
 
