@@ -142,6 +142,9 @@ def check_output(out: str | os.PathLike, spec: RunSpec) -> Path:
     """Refuse ``<out>/<model_name>/`` if it holds a run made with other settings; return the folder."""
     folder = Path(out) / spec.model_name
     path = folder / SETTINGS_FILE
+    for place in (Path(out), folder):
+        if place.exists() and not place.is_dir():
+            raise RunError(f"output {place} is a file, not a folder; use another --out")
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -324,10 +327,11 @@ def evaluate(backend: Backend, tasks: list, spec: RunSpec, out: str | os.PathLik
     spec.check()
     backend.check_preset(spec.preset)
     start = time.perf_counter()
-    folder, store = open_output(Path(out), spec)
+    check_output(Path(out), spec)
     items = plan(tasks, backend.tokenizer, spec)
     if not items:
         raise RunError("no documents to evaluate (empty task or --limit)")
+    folder, store = open_output(Path(out), spec)  # the first write: after everything is checked
     requests = build_requests(items, spec, store)
     total = len(items) * len(spec.seeds) * spec.samples
     todo = sum(len(r.indices) for r in requests)

@@ -116,8 +116,8 @@ def _check_fit(heads: dict[str, torch.Tensor], config: AutoDecoConfig, hidden: i
             raise CheckpointError(f"{source}: missing head tensor {name}")
         if heads[name].shape[-1] != width:
             raise CheckpointError(
-                f"{source}: {name} takes inputs of width {heads[name].shape[-1]}, but the base model's "
-                f"hidden_size {hidden} needs {width}: these heads belong to a different base"
+                f"{source}: {name} takes inputs of width {heads[name].shape[-1]}, but the base model (hidden_size "
+                f"{hidden}) needs width {width}: these heads belong to a different base"
             )
 
 

@@ -76,7 +76,14 @@ class AutoDecoTrainingConfig(SFTConfig, AutoDecoArguments):
         super().__post_init__()
 
     def check(self) -> None:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
         AutoDecoArguments.check(self)
+        report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        unknown = [name for name in report_to if name not in (*INTEGRATION_TO_CALLBACK, "none", "all")]
+        if unknown:
+            raise FieldError("report_to", f"{unknown[0]!r} is not a logger; known: none, all, "
+                                          f"{', '.join(INTEGRATION_TO_CALLBACK)}")
         for ok, name, message in (
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1"),
@@ -369,6 +376,9 @@ def train(cfg: AutoDecoTrainingConfig) -> Path:
 
     if not cfg.train_file:
         raise ConfigError("train_file is required (in the config or as --train_file)")
+    if not Path(cfg.train_file).is_file():
+        what = "is a folder, not a file" if Path(cfg.train_file).is_dir() else "not found"
+        raise ConfigError(f"train_file {cfg.train_file}: {what}")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
