@@ -91,7 +91,11 @@ def plan(tasks: list, tokenizer, spec: RunSpec) -> list[Planned]:
         max_tokens = spec.max_tokens or int(gen.get("max_gen_toks") or DEFAULT_MAX_TOKENS)
         stop = tuple(s for s in (gen.get("until") or []) if s)
         for doc in task.docs(spec.limit):
-            prompt = task.prompt(doc, tokenizer)
+            try:
+                prompt = task.prompt(doc, tokenizer)
+            except ValueError as err:  # no chat template, or one that cannot render these messages
+                raise RunError(f"{spec.model_path}: cannot build the prompt of {task.name}/{doc.get('doc_id')} "
+                               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
             out.append(Planned(task, doc, task.doc_id(doc), prompt,
                                hashlib.sha256(prompt.encode()).hexdigest()[:16], max_tokens, stop))
     return out

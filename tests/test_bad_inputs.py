@@ -395,6 +395,10 @@ CASES = [
     case("eval-data-bad-row", lambda t, m: ["eval", "--tasks", "aime24", "--data-dir",
                                             data_dir(t, "aime24.jsonl", '{"problem": "x"}\n'), "--out", str(t / "out"),
                                             "--wandb", "off"], "aime24.jsonl:1", "answer"),
+    case("eval-autodeco-preset-plain-model", lambda t, m: eval_(t, "--decoding", "greedy,autodeco"),
+         "--decoding", "autodeco", "plain"),
+    case("eval-no-chat-template", lambda t, m: eval_(t, "--model", m["no_template"], "--decoding", "greedy"),
+         "chat template"),
     case("eval-wandb-choice", lambda t, m: eval_(t, "--wandb", "sometimes"), "--wandb", "sometimes"),
 
     # ------------------------------------------------------------------ sweep
@@ -536,6 +540,13 @@ def models(tmp_path_factory, smollm2_path) -> dict[str, str]:
     (heads_w64 / "config.json").write_text(json.dumps(config))
     found["heads_w64"] = str(heads_w64)
 
+    no_template = root / "no_template"  # SmolLM2 without its chat template (a base model's layout)
+    no_template.mkdir()
+    for file in smollm2_path.iterdir():
+        if file.name != "chat_template.jinja":
+            (no_template / file.name).symlink_to(file)
+    found["no_template"] = str(no_template)
+
     run = root / "run"  # a training run folder: one candidate
     shutil.copytree(heads, run / "checkpoint-1")
     found["run"] = str(run)
@@ -585,6 +596,27 @@ def test_bad_input(bad: Case, models, tmp_path, monkeypatch, capfd):
         fragment = fragment.replace("{tmp}", str(tmp_path))
         assert fragment in line, f"{fragment!r} not in: {line}"
     assert _tree(tmp_path) == before, f"left behind: {sorted(_tree(tmp_path) - before)}"
+
+
+def test_report_all_skips_damaged_inputs(tmp_path, capsys):
+    """One warning line per damaged input (file and reason); the rest is reported."""
+    from harness.cli import main
+
+    runs = Path(results_dir(tmp_path, {
+        "good/results_2025-01-01T00-00-00.json": GOOD_RESULTS,
+        "cut/results_2025-01-02T00-00-00.json": GOOD_RESULTS[:50],
+        "shape/results_2025-01-03T00-00-00.json": "[1, 2, 3]",
+        "junk/results_2025-01-04T00-00-00.json": BINARY,
+        "sweep/sweep_summary_arith.json": '{"task": "arith", "temperature_grid": [',
+    }))
+    assert main(["report", "all", "--runs", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 4 and all(line.startswith("autodeco report: warning: ") for line in err), err
+    for name in ("cut/results_", "shape/results_", "junk/results_", "sweep_summary_arith.json"):
+        assert sum(name in line for line in err) == 1, name
+    assert (tmp_path / "rep" / "index.md").is_file()
+    table = next((tmp_path / "rep").rglob("pass1*.md")).read_text()
+    assert "greedy" in table
 
 
 def test_table_size():

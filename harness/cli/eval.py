@@ -128,6 +128,21 @@ class SweepConfig(RunOptions):
                 raise FieldError(name, str(err)) from None
 
 
+def _check_presets(model_path: str, presets: list) -> None:
+    """What a model must have for this run, known from its files: heads for the AutoDeco presets,
+    a chat template for the tasks' prompts."""
+    from harness.backends import BackendError
+    from harness.models import has_chat_template, is_autodeco
+
+    needs_heads = [p.key for p in presets if p.heads is not None]
+    if needs_heads and not is_autodeco(model_path):
+        raise BackendError(f"--decoding {', '.join(needs_heads)} needs an AutoDeco model; {model_path} is a plain "
+                           f"causal LM (use greedy/default/static/..., or `autodeco construct`)")
+    if has_chat_template(model_path) is False:
+        raise BackendError(f"{model_path} has no chat template (chat_template.jinja, or chat_template in "
+                           f"tokenizer_config.json): the tasks' prompts are chat messages")
+
+
 def _load_data(cfg: RunOptions) -> list:
     """The tasks with their docs loaded (a missing file or a bad row fails here, before any model
     is loaded), and the run's size bounded: problems x seeds x samples."""
@@ -177,8 +192,9 @@ def cmd_eval(args) -> int:
     tasks = _load_data(cfg)
     targets = resolve_targets(cfg.model)
     specs = [_specs(cfg, target, presets) for target in targets]
-    for target_specs in specs:  # refuse a conflicting output dir before loading any model
-        check_output(cfg.out, target_specs[0])
+    for target, target_specs in zip(targets, specs, strict=True):  # before loading any model:
+        check_output(cfg.out, target_specs[0])  # a conflicting output dir
+        _check_presets(target.path, presets)  # an AutoDeco preset for a plain model
     with closing(loaded_in_turn([t.path for t in targets], cfg.backend, options)) as backends:
         for target_specs, backend in zip(specs, backends, strict=True):
             for spec in target_specs:

@@ -233,6 +233,22 @@ def read_config(model: str) -> dict:
         raise ModelError(f"cannot load model {model!r} from the hub: {first}") from None
 
 
+def has_chat_template(model: str) -> bool | None:
+    """Whether a local model folder ships a chat template (None: a hub id, not known without it)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(read_json(config, ModelError).get("chat_template"))
+    except AttributeError:
+        raise ModelError(f"{config}: expected a JSON object") from None
+
+
 def is_autodeco(model: str | dict) -> bool:
     """Whether ``model`` (a folder, a hub id, or its config dict) is AutoDeco (heads-only or merged)."""
     config = model if isinstance(model, dict) else read_config(model)
