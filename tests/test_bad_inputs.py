@@ -619,6 +619,44 @@ def test_report_all_skips_damaged_inputs(tmp_path, capsys):
     assert "greedy" in table
 
 
+def test_eval_failing_after_the_model_load_leaves_nothing(tmp_path, monkeypatch, capfd):
+    """A failure once the model is loaded (here: a prompt the chat template cannot render) writes no
+    run_settings.json, no sample store, no folder."""
+    from harness.cli import main
+    from tasks.registry import Task
+
+    def unrenderable(self, doc, tokenizer):
+        raise ValueError("the template cannot render these messages")
+
+    monkeypatch.setattr(Task, "prompt", unrenderable)
+    monkeypatch.chdir(tmp_path)
+    code = main(eval_(tmp_path, "--decoding", "greedy"))
+    lines = _error_lines(capfd.readouterr().err)
+    assert code == 2 and "cannot build the prompt" in lines[-1] and "Traceback" not in "".join(lines)
+    assert _tree(tmp_path) == set()
+
+
+@pytest.mark.slow
+def test_train_failing_after_the_model_load_leaves_nothing(tmp_path, monkeypatch, capfd):
+    """A failure once the model is loaded (here: in the trainer's constructor) writes no
+    train_config.yaml and leaves no output_dir."""
+    from harness.cli import main
+    from harness.core.errors import UserError
+    from heads.training import trainer
+
+    def refuse(self, *args, **kwargs):
+        raise UserError("the trainer refused")
+
+    monkeypatch.setattr(trainer.AutoDecoTrainer, "__init__", refuse)
+    monkeypatch.chdir(tmp_path)
+    argv = train(tmp_path)
+    before = _tree(tmp_path)
+    code = main(argv)
+    lines = _error_lines(capfd.readouterr().err)
+    assert code == 2 and "the trainer refused" in lines[-1]
+    assert _tree(tmp_path) == before and not (tmp_path / "run").exists()
+
+
 def test_table_size():
     """At least 100 cases, over every command."""
     assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
