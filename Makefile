@@ -10,12 +10,14 @@ DATA_DIR ?= $(or $(AUTODECO_DATA_DIR),$(wildcard ../shared/data))
 
 .PHONY: setup test test-fast demo lint clean-venv
 
+# bubblewrap first, so that `tasks prepare` reports the sandbox that tests and graders will use.
 setup: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+	      || (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1)) \
+	  || echo "note: bubblewrap (bwrap) not installed; the code sandbox falls back to rlimits + a blocked network (see tasks/sandbox.py)")
 	@$(BIN)/autodeco model prepare
 	@$(BIN)/autodeco tasks prepare
-	@command -v bwrap >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
-	  && (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1)) \
-	  || echo "note: bubblewrap (bwrap) not installed; the code sandbox falls back to rlimits + a blocked network (see tasks/sandbox.py)")
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)

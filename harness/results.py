@@ -114,6 +114,16 @@ def _doc_lookup(task) -> tuple[dict[str, dict], dict[str, dict]]:
     return by_id, by_prompt
 
 
+def _whole_number(record: dict, field: str, where: str) -> int | None:
+    """An optional integer field >= 0 (``seed``, ``sample_index``)."""
+    value = record.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ResponsesError(f"{where}: field {field!r} = {value!r}, expected an integer >= 0")
+    return value
+
+
 def read_responses(path: Path, task) -> list[tuple[dict, dict]]:
     """(doc, row) per response; row has doc_id, sample_index, response, and seed when given.
 
@@ -141,6 +151,9 @@ def read_responses(path: Path, task) -> list[tuple[dict, dict]]:
             responses = [record["response"]]
         elif "responses" in record and isinstance(record["responses"], list):
             responses = record["responses"]
+        elif "responses" in record:
+            raise ResponsesError(f"{where}: field 'responses' is {type(record['responses']).__name__}, "
+                                 f"expected a list of strings")
         else:
             raise ResponsesError(f"{where}: missing field 'response' (string) or 'responses' (list)")
         for offset, response in enumerate(responses):
@@ -148,11 +161,12 @@ def read_responses(path: Path, task) -> list[tuple[dict, dict]]:
                 field = "response" if "response" in record else f"responses[{offset}]"
                 raise ResponsesError(f"{where}: field {field!r} is {type(response).__name__}, expected a string")
             doc_id = task.doc_id(doc)
-            seed = record.get("seed")
+            seed = _whole_number(record, "seed", where)
             key = (doc_id, seed)
-            index = record.get("sample_index", counters[key]) if len(responses) == 1 else offset
+            given = _whole_number(record, "sample_index", where)
+            index = (given if given is not None else counters[key]) if len(responses) == 1 else offset
             counters[key] += 1
-            row = {"doc_id": doc_id, "sample_index": int(index), "response": response}
+            row = {"doc_id": doc_id, "sample_index": index, "response": response}
             if seed is not None:
                 row["seed"] = seed
             out.append((doc, row))

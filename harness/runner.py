@@ -94,7 +94,11 @@ def plan(tasks: list, tokenizer, spec: RunSpec) -> list[Planned]:
         max_tokens = spec.max_tokens or int(gen.get("max_gen_toks") or DEFAULT_MAX_TOKENS)
         stop = tuple(s for s in (gen.get("until") or []) if s)
         for doc in task.docs(spec.limit):
-            prompt = task.prompt(doc, tokenizer)
+            try:
+                prompt = task.prompt(doc, tokenizer)
+            except ValueError as err:  # no chat template, or one that cannot render these messages
+                raise RunError(f"{spec.model_path}: cannot build the prompt of {task.name}/{doc.get('doc_id')} "
+                               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
             out.append(Planned(task, doc, task.doc_id(doc), prompt,
                                hashlib.sha256(prompt.encode()).hexdigest()[:16], max_tokens, stop))
     return out
@@ -145,6 +149,9 @@ def check_output(out: str | os.PathLike, spec: RunSpec) -> Path:
     """Refuse ``<out>/<model_name>/`` if it holds a run made with other settings; return the folder."""
     folder = Path(out) / spec.model_name
     path = folder / SETTINGS_FILE
+    for place in (Path(out), folder):
+        if place.exists() and not place.is_dir():
+            raise RunError(f"output {place} is a file, not a folder; use another --out")
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -327,10 +334,11 @@ def evaluate(backend: Backend, tasks: list, spec: RunSpec, out: str | os.PathLik
     spec.check()
     backend.check_preset(spec.preset)
     start = time.perf_counter()
-    folder, store = open_output(Path(out), spec)
+    check_output(Path(out), spec)
     items = plan(tasks, backend.tokenizer, spec)
     if not items:
         raise RunError("no documents to evaluate (empty task or --limit)")
+    folder, store = open_output(Path(out), spec)  # the first write: after everything is checked
     requests = build_requests(items, spec, store)
     total = len(items) * len(spec.seeds) * spec.samples
     todo = sum(len(r.indices) for r in requests)

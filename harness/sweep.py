@@ -20,6 +20,7 @@ the top-p grid was placed (at the temperature that was best on all problems).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,24 +33,49 @@ from harness.stats import pass1_estimate, problem_accuracies, verdicts_by_doc
 
 CV_FOLDS = 5
 
+MAX_GRID_POINTS = 1000  # per grid; the paper's is 10 (0.1:1.0:0.1)
+
 
 def parse_grid(text: str, name: str = "grid") -> list[float]:
-    """``"0.1:1.0:0.1"`` (start:stop:step, inclusive) or ``"0.3,0.6,1.0"`` → sorted floats."""
-    text = text.strip()
+    """``"0.1:1.0:0.1"`` (start:stop:step, inclusive) or ``"0.3,0.6,1.0"`` → sorted floats.
+
+    Refused with a `ValueError` that says why (the caller names the option): not numbers,
+    not finite, an empty or backwards range, more than `MAX_GRID_POINTS` points (counted before
+    anything is expanded, so 0.1:100000:1e-7 fails at once instead of filling memory)."""
+    text = str(text).strip()
+    usage = "use start:stop:step (e.g. 0.1:1.0:0.1) or a list 0.2,0.6,1.0"
+    parts = text.split(":") if ":" in text else [x for x in text.split(",") if x.strip()]
     try:
-        if ":" in text:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            count = int(round((stop - start) / step)) + 1
-            values = [round(start + i * step, 6) for i in range(count) if start + i * step <= stop + 1e-9]
-        else:
-            values = [float(x) for x in text.split(",") if x.strip()]
+        numbers = [float(x) for x in parts]
     except ValueError:
-        raise ValueError(f"bad {name} {text!r}; use start:stop:step (e.g. 0.1:1.0:0.1) or a list 0.2,0.6,1.0") from None
-    if not values:
-        raise ValueError(f"empty {name} {text!r}")
+        raise ValueError(f"{text!r} is not a grid; {usage}") from None
+    if not numbers or (":" in text and len(numbers) != 3):
+        raise ValueError(f"{text!r} is not a grid; {usage}")
+    bad = [x for x in numbers if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"{text!r}: {bad[0]} is not a finite number")
+    if ":" in text:
+        start, stop, step = numbers
+        if step <= 0 or stop < start:
+            raise ValueError(f"{text!r}: needs step > 0 and stop >= start; {usage}")
+        count = math.floor((stop - start) / step + 1e-9) + 1
+        if count > MAX_GRID_POINTS:
+            raise ValueError(f"{text!r} has {count} points (at most {MAX_GRID_POINTS})")
+        values = [round(start + i * step, 6) for i in range(count) if start + i * step <= stop + 1e-9]
+    else:
+        if len(numbers) > MAX_GRID_POINTS:
+            raise ValueError(f"{text!r} has {len(numbers)} points (at most {MAX_GRID_POINTS})")
+        values = numbers
     return sorted(set(values))
+
+
+def check_grid(text: str, high: float) -> list[float]:
+    """`parse_grid` with every value in (0, high] (temperatures: high = 100; top-p: 1)."""
+    values = parse_grid(text)
+    bad = [v for v in values if not 0 < v <= high]
+    if bad:
+        raise ValueError(f"{text!r}: {bad[0]:g} is outside (0, {high:g}]")
+    return values
 
 
 def _point(spec: RunSpec, group: str, temperature: float, top_p: float) -> RunSpec:

@@ -108,7 +108,13 @@ def split(full: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
 
 
 def _check_fit(heads: dict[str, torch.Tensor], config: AutoDecoConfig, hidden: int, source: Path) -> None:
-    """Head input widths must equal the base hidden size (top-p adds T and, if enhanced, 4 features)."""
+    """Head input widths must equal the base hidden size (top-p adds T and, if enhanced, 4 features),
+    and so must the hidden sizes the heads' config records (merge would silently rewrite them)."""
+    for name in ("temperature_hidden_size", "top_p_hidden_size"):
+        recorded = getattr(config, name, None)
+        if recorded is not None and recorded != hidden:
+            raise CheckpointError(f"{source}/config.json: {name} is {recorded}, but the base model's hidden_size "
+                                  f"is {hidden}: these heads belong to a different base")
     extra = 1 + (4 if config.use_enhanced_features else 0)
     expected = {"temp_head.mlp.0.weight": hidden, "top_p_head.mlp.0.weight": hidden + extra}
     for name, width in expected.items():
@@ -116,8 +122,8 @@ def _check_fit(heads: dict[str, torch.Tensor], config: AutoDecoConfig, hidden: i
             raise CheckpointError(f"{source}: missing head tensor {name}")
         if heads[name].shape[-1] != width:
             raise CheckpointError(
-                f"{source}: {name} takes inputs of width {heads[name].shape[-1]}, but the base model's "
-                f"hidden_size {hidden} needs {width}: these heads belong to a different base"
+                f"{source}: {name} takes inputs of width {heads[name].shape[-1]}, but the base model (hidden_size "
+                f"{hidden}) needs width {width}: these heads belong to a different base"
             )
 
 

@@ -516,6 +516,9 @@ def _read_tensor(file: Path, name: str) -> torch.Tensor:
 
 
 def _load_config(folder: Path) -> AutoDecoConfig:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: {'is a file, not a model folder' if folder.exists() else 'does not exist'}")
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")

@@ -31,12 +31,13 @@ class Inputs:
     aliases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def scan(cls, dirs: list[str | Path], aliases: dict[str, str] | None = None) -> Inputs:
+    def scan(cls, dirs: list[str | Path], aliases: dict[str, str] | None = None, on_error=None) -> Inputs:
         """Find every input; `aliases` renames models (e.g. an AutoDeco folder → its base model's
-        name, so AutoDeco rows sit in the base model's block as in the paper's tables)."""
+        name, so AutoDeco rows sit in the base model's block as in the paper's tables).
+        ``on_error(message)`` skips a damaged results or sweep file instead of failing."""
         dirs = [Path(d) for d in dirs]
-        inputs = cls(dirs, [], find_sweeps(dirs), find_steering(dirs), dict(aliases or {}))
-        inputs.add_runs(find_runs(dirs))
+        inputs = cls(dirs, [], find_sweeps(dirs, on_error), find_steering(dirs), dict(aliases or {}))
+        inputs.add_runs(find_runs(dirs, on_error))
         for sweep in inputs.sweeps:
             sweep.model_name = inputs.aliases.get(sweep.model_name, sweep.model_name)
         return inputs

@@ -97,9 +97,20 @@ def _require(data: dict, key: str, path: Path):
 
 
 def load_run(path: Path) -> Run:
-    """Parse one results file; link each task to its samples file (same timestamp)."""
-    path = Path(path)
+    """Parse one results file; link each task to its samples file (same timestamp). A file of
+    the wrong shape raises `ReportInputError` naming it."""
+    try:
+        return _load_run(Path(path))
+    except (AttributeError, TypeError, ValueError) as err:
+        if isinstance(err, ReportInputError):
+            raise
+        raise ReportInputError(f"{path}: not a results file ({type(err).__name__}: {err})") from None
+
+
+def _load_run(path: Path) -> Run:
     data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     results = _require(data, "results", path)
     config = _require(data, "config", path)
     decoding = config.get("decoding") or {}
@@ -123,8 +134,22 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def find_runs(dirs: list[str | Path]) -> list[Run]:
-    """Every results file under the given folders (recursively), oldest first."""
+def _load_each(paths, load, on_error):
+    """``load`` every path; a damaged file raises, or with ``on_error`` is reported and skipped."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(load(path))
+        except ReportInputError as err:
+            if on_error is None:
+                raise
+            on_error(str(err))
+    return loaded
+
+
+def find_runs(dirs: list[str | Path], on_error=None) -> list[Run]:
+    """Every results file under the given folders (recursively), oldest first; ``on_error(message)``
+    skips a damaged one instead of failing."""
     paths: list[Path] = []
     for d in dirs:
         d = Path(d)
@@ -134,7 +159,7 @@ def find_runs(dirs: list[str | Path]) -> list[Run]:
             paths.extend(d.rglob(RESULTS_GLOB))
         else:
             raise ReportInputError(f"{d}: no such results file or folder")
-    return [load_run(p) for p in sorted(set(paths), key=lambda p: (p.stat().st_mtime, str(p)))]
+    return _load_each(sorted(set(paths), key=lambda p: (p.stat().st_mtime, str(p))), load_run, on_error)
 
 
 def latest_per_key(runs: list[Run]) -> dict[tuple[str, str, str], tuple[Run, TaskResult]]:
@@ -206,8 +231,18 @@ class Sweep:
 
 
 def load_sweep(path: Path) -> Sweep:
-    path = Path(path)
+    try:
+        return _load_sweep(Path(path))
+    except (AttributeError, TypeError, ValueError) as err:
+        if isinstance(err, ReportInputError):
+            raise
+        raise ReportInputError(f"{path}: not a sweep summary ({type(err).__name__}: {err})") from None
+
+
+def _load_sweep(path: Path) -> Sweep:
     data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ReportInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     task = data.get("task") or path.stem[len("sweep_summary_"):]
     return Sweep(
         path=path,
@@ -225,9 +260,9 @@ def load_sweep(path: Path) -> Sweep:
     )
 
 
-def find_sweeps(dirs: list[str | Path]) -> list[Sweep]:
+def find_sweeps(dirs: list[str | Path], on_error=None) -> list[Sweep]:
     paths = sorted({p for d in dirs if Path(d).is_dir() for p in Path(d).rglob(SWEEP_GLOB)})
-    return [load_sweep(p) for p in paths]
+    return _load_each(paths, load_sweep, on_error)
 
 
 def find_files(dirs: list[str | Path], name: str) -> list[Path]:

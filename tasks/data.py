@@ -61,6 +61,9 @@ def _mmlu_pro_doc(row: dict, opts: dict) -> dict:
 
 
 def _ifeval_doc(row: dict, opts: dict) -> dict:
+    for index, kw in enumerate(row["kwargs"]):
+        if not isinstance(kw, dict):
+            raise DataError(f"field 'kwargs' item {index} is {type(kw).__name__}, expected an object")
     kwargs = [{k: v for k, v in kw.items() if v is not None} for kw in row["kwargs"]]
     return {"key": row["key"], "prompt": row["prompt"],
             "instruction_id_list": list(row["instruction_id_list"]), "kwargs": kwargs}
@@ -72,9 +75,21 @@ def _gpqa_doc(row: dict, opts: dict) -> dict:
     return shuffle_gpqa(row)
 
 
+def _json_field(row: dict, name: str, empty):
+    """A field that holds JSON text (LiveCodeBench's tests and metadata)."""
+    if not row.get(name):
+        return empty
+    try:
+        return json.loads(row[name])
+    except ValueError as err:
+        raise DataError(f"field {name!r} is not valid JSON ({err})") from None
+
+
 def _lcb_doc(row: dict, opts: dict) -> dict:
-    public = json.loads(row["public_test_cases"]) if row["public_test_cases"] else []
-    metadata = json.loads(row["metadata"]) if row.get("metadata") else {}
+    public = _json_field(row, "public_test_cases", [])
+    metadata = _json_field(row, "metadata", {})
+    if not isinstance(metadata, dict):
+        raise DataError("field 'metadata' is not a JSON object")
     return {
         "question_id": row["question_id"],
         "question_title": row["question_title"],
@@ -84,9 +99,16 @@ def _lcb_doc(row: dict, opts: dict) -> dict:
         "difficulty": row["difficulty"],
         "starter_code": row.get("starter_code") or "",
         "public_test_cases": public,
-        "private_test_cases": decode_lcb_private_tests(row["private_test_cases"]),
+        "private_test_cases": _private_tests(row["private_test_cases"]),
         "fn_name": metadata.get("func_name"),
     }
+
+
+def _private_tests(blob: str) -> list[dict]:
+    try:
+        return decode_lcb_private_tests(blob)
+    except (ValueError, pickle.UnpicklingError, zlib.error, EOFError) as err:
+        raise DataError(f"field 'private_test_cases' cannot be decoded ({type(err).__name__})") from None
 
 
 class _StrOnlyUnpickler(pickle.Unpickler):
@@ -155,6 +177,8 @@ def _read_local(path: Path) -> Iterable[tuple[str, dict]]:
     """Yield (location, row) from .jsonl, .json (array) or .csv; location is 'line N' / 'item N'."""
     if not path.exists():
         raise DataError(f"{path}: file not found (expected in the data dir)")
+    if not path.is_file():
+        raise DataError(f"{path}: is a folder, not a file")
     if path.suffix == ".jsonl":
         for number, row in iter_jsonl(path, error=DataError):
             yield f"{number}", row
@@ -163,15 +187,22 @@ def _read_local(path: Path) -> Iterable[tuple[str, dict]]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not a text file (not UTF-8)") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON array of rows")
         for index, row in enumerate(rows):
             yield f"item {index}", row
     elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                yield f"{reader.line_num}", dict(row)
+        try:
+            with path.open(encoding="utf-8", newline="") as handle:
+                reader = csv.DictReader(handle)
+                for row in reader:
+                    yield f"{reader.line_num}", dict(row)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not a text file (not UTF-8)") from None
+        except csv.Error as err:
+            raise DataError(f"{path}: not a CSV file ({err})") from None
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}")
 
@@ -234,8 +265,12 @@ def load_rows(name: str, data_dir: Path | None, options: dict | None = None) -> 
             check_row(row, source.fields, where)
             try:
                 docs.append(source.normalize(row, options))
-            except (KeyError, TypeError, ValueError) as err:
+            except DataError as err:
+                raise DataError(f"{where}: {err}") from None
+            except (KeyError, TypeError, ValueError, AttributeError, pickle.UnpicklingError, zlib.error) as err:
                 raise DataError(f"{where}: cannot read row ({type(err).__name__}: {err})") from None
+        if not docs:
+            raise DataError(f"{path}: no rows")
     else:
         for index, row in enumerate(_hub_rows(source, options)):
             check_row(row, source.fields, f"{source.hub_path} row {index}")
@@ -258,15 +293,64 @@ def filter_by_date(docs: list[dict], start: Any, end: Any) -> list[dict]:
     start_d, end_d = _as_date(start), _as_date(end)
     kept = []
     for doc in docs:
-        day = datetime.fromisoformat(doc["contest_date"]).date()
+        try:
+            day = datetime.fromisoformat(doc["contest_date"]).date()
+        except ValueError:
+            raise DataError(f"LiveCodeBench problem {doc.get('question_id')!r}: field 'contest_date' = "
+                            f"{doc['contest_date']!r} is not a date") from None
         if (start_d is None or day >= start_d) and (end_d is None or day <= end_d):
             kept.append(doc)
     return kept
 
 
-# ---------------------------------------------------------------- docs for the harness and for lm-eval
+# ---------------------------------------------------------------- dataset options
 
 _ARITH_OPTIONS = ("split", "n", "difficulty", "seed")
+ARITH_MAX_N = 100_000  # generating that many takes ~10 s; more is a typo (n=100000000 ran for minutes)
+
+
+def _int_option(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise DataError(f"task option {name!r} = {value!r}: must be an integer {bound}")
+    return value
+
+
+def _date_option(name: str, value: Any) -> Any:
+    if value in (None, "") or isinstance(value, date):
+        return value
+    try:
+        datetime.fromisoformat(str(value))
+    except ValueError:
+        raise DataError(f"task option {name!r} = {value!r}: must be a date YYYY-MM-DD") from None
+    return value
+
+
+def check_options(source: str, options: dict) -> dict:
+    """A source's dataset options with their values checked (type and range); DataError names the option."""
+    options = dict(options)
+    if source == "arith":
+        from tasks.arith import SPLITS
+
+        if "split" in options and options["split"] not in SPLITS:
+            raise DataError(f"task option 'split' = {options['split']!r}: must be one of {', '.join(SPLITS)}")
+        if "n" in options:
+            _int_option("n", options["n"], 1, ARITH_MAX_N)
+        if "difficulty" in options:
+            _int_option("difficulty", options["difficulty"], 1, 5)
+        if "seed" in options:
+            _int_option("seed", options["seed"], 0)
+    elif source == "livecodebench":
+        if "release" in options and options["release"] not in LCB_RELEASES:
+            raise DataError(f"task option 'release' = {options['release']!r}: must be one of "
+                            f"{', '.join(sorted(LCB_RELEASES))}")
+        for name in ("start_date", "end_date"):
+            if name in options:
+                _date_option(name, options[name])
+    return options
+
+
+# ---------------------------------------------------------------- docs for the harness and for lm-eval
 
 
 def load_docs(source: str, data_dir: Path | None, options: dict | None = None) -> list[dict]:
@@ -275,7 +359,11 @@ def load_docs(source: str, data_dir: Path | None, options: dict | None = None) -
     if source == "arith":
         from tasks.arith import generate
 
-        docs = generate(**{k: options[k] for k in _ARITH_OPTIONS if k in options})
+        check_options(source, options)
+        try:
+            docs = generate(**{k: options[k] for k in _ARITH_OPTIONS if k in options})
+        except ValueError as err:
+            raise DataError(f"arith: {err}") from None
     elif source in SOURCES:
         docs = load_rows(source, data_dir, options)
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 from collections.abc import Sequence
 
 from tasks.verdict import Verdict
@@ -28,36 +29,55 @@ CHECK_TIMEOUT_S = 3.0
 _MAX_ANSWER_CHARS = 2000
 
 # ---------------------------------------------------------------- extraction
+# Linear in the response length whatever its shape (10^5 unclosed boxes, a 1 MB line of "answer
+# is"): no regex here can backtrack over a run of text more than once, and the one Python-level
+# loop (brace matching) scans each character at most once and gives up at the check bound.
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+_BRACE = re.compile(r"[{}]")
+_TOKEN = re.compile(r"[^\s$]+")
 
 
-def _braced(text: str, start: int) -> str | None:
-    """The balanced ``{...}`` content starting at text[start] == '{' (None if unbalanced)."""
+class ExtractionTimeout(Exception):
+    """Extraction ran past its time bound (only an adversarial response gets here)."""
+
+
+def _closing(text: str, start: int, stop: int, deadline: float | None) -> int | None:
+    """The position of the '}' closing the '{' at text[start], searched before `stop` (or None)."""
     depth = 0
-    for pos in range(start, len(text)):
-        char = text[pos]
-        if char == "{":
+    for count, brace in enumerate(_BRACE.finditer(text, start, stop)):
+        if brace.group() == "{":
             depth += 1
-        elif char == "}":
+        else:
             depth -= 1
             if depth == 0:
-                return text[start + 1:pos]
+                return brace.start()
+        if deadline is not None and not count % 8192 and time.monotonic() > deadline:
+            raise ExtractionTimeout
     return None
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} or \\fbox{...} (also ``\\boxed 5``), or None."""
-    for match in reversed(list(_BOX.finditer(text))):
+def last_boxed(text: str, deadline: float | None = None) -> str | None:
+    """Content of the last \\boxed{...} or \\fbox{...} whose braces balance (also ``\\boxed 5``), or None.
+
+    Boxes are tried from the last; a box whose '{' never closes is skipped. An earlier '{' can
+    only close before a later one that does not (past it the depth never returns), so each
+    search stops where the previous failed one began: every character is scanned once.
+    """
+    stop = len(text)
+    for index, match in enumerate(reversed(list(_BOX.finditer(text)))):
         end = match.end()
         if end < len(text) and text[end] == "{":
-            content = _braced(text, end)
-            if content is not None:
-                return content.strip()
+            close = _closing(text, end, stop, deadline)
+            if close is not None:
+                return text[end + 1:close].strip()
+            stop = end
         elif match.group().endswith(" ") and end < len(text):
-            token = re.match(r"[^\s$]+", text[end:])
+            token = _TOKEN.match(text, end)
             if token:
                 return token.group().strip()
+        if deadline is not None and not index % 4096 and time.monotonic() > deadline:
+            raise ExtractionTimeout
     return None
 
 
@@ -70,22 +90,42 @@ def final_part(response: str) -> str | None:
     return response
 
 
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\$?\s*([^\n$]+?)\s*\$?\s*(?:\.|\n|$)", re.IGNORECASE)
+# "answer is X" / "answer: X": X runs from after an optional '$' to the end of its sentence — a
+# '.' followed by a space or the end, a newline, a '$' — or of the text.
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
+_ANSWER_START = re.compile(r"\s*\$?\s*")
+_ANSWER_END = re.compile(r"\.(?=\s|\Z)|[\n$]")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
-def extract_answer(response: str, fallback: str = "none") -> str | None:
-    """The final answer string of a response (see module docstring); None when there is none."""
+def answer_is(text: str) -> str | None:
+    """X of the last "answer is X" (or "answer: X") that has one."""
+    for head in reversed(list(_ANSWER_IS.finditer(text))):
+        start = _ANSWER_START.match(text, head.end()).end()
+        end = _ANSWER_END.search(text, start)
+        found = text[start:end.start() if end else len(text)].strip()
+        if found:
+            return found
+    return None
+
+
+def extract_answer(response: str, fallback: str = "none", timeout: float | None = None) -> str | None:
+    """The final answer string of a response (see module docstring); None when there is none.
+
+    ``timeout`` bounds the work (seconds; `ExtractionTimeout` past it) — extraction is linear, so
+    only a pathological response of many megabytes gets near a check's bound.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
     text = final_part(response)
     if text is None:
         return None
-    boxed = last_boxed(text)
+    boxed = last_boxed(text, deadline)
     if boxed is not None:
         return boxed[:_MAX_ANSWER_CHARS]
     if fallback == "answer_is":
-        found = _ANSWER_IS.findall(text)
+        found = answer_is(text)
         if found:
-            return found[-1].strip()[:_MAX_ANSWER_CHARS]
+            return found[:_MAX_ANSWER_CHARS]
         numbers = _NUMBER.findall(text)
         if numbers:
             return numbers[-1]
@@ -368,13 +408,20 @@ def gold_string(answer: object) -> str:
 def grade_many(pairs: Sequence[tuple[dict, str]], workers: int | None = None,
                fallback: str = "none", timeout: float = CHECK_TIMEOUT_S) -> list[Verdict]:
     """Verdicts for (doc, response) pairs of a math task (docs have an ``answer``)."""
-    extracted = [extract_answer(response, fallback) for _, response in pairs]
+    extracted: list[str | None] = []
+    reasons: dict[int, str] = {}
+    for index, (_, response) in enumerate(pairs):  # under the same bound as each check
+        try:
+            extracted.append(extract_answer(response, fallback, timeout=timeout))
+        except ExtractionTimeout:
+            extracted.append(None)
+            reasons[index] = f"extraction timed out after {timeout:g}s"
     checks = [(gold_string(doc["answer"]), ans) for (doc, _), ans in zip(pairs, extracted, strict=True) if ans is not None]
     results = iter(check_many(checks, workers=workers, timeout=timeout))
     verdicts = []
-    for ans in extracted:
+    for index, ans in enumerate(extracted):
         if ans is None:
-            verdicts.append(Verdict(False, None, {"reason": "no final answer"}))
+            verdicts.append(Verdict(False, None, {"reason": reasons.get(index, "no final answer")}))
             continue
         correct, how = next(results)
         verdicts.append(Verdict(correct, ans, {"check": how}))

@@ -22,6 +22,7 @@ import yaml
 
 from harness.core.errors import UserError
 from harness.core.paths import data_dir as resolve_data_dir
+from tasks.data import check_options
 from tasks.graders import GRADINGS, OFFICIAL_APPLIES_TO, Grader, get_grader
 from tasks.verdict import Verdict
 
@@ -81,6 +82,10 @@ class UnknownTaskError(UserError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TaskOptionError(UserError, ValueError):
+    """An option (``--task-option KEY=VALUE``) the task does not take."""
+
+
 def _unknown(name: str) -> UnknownTaskError:
     close = difflib.get_close_matches(name, list_tasks(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_tasks())}"
@@ -116,9 +121,15 @@ class Task:
         self.config = read_yaml(path)
         self.data_dir = data_dir
         self.metadata: dict = dict(self.config.get("metadata") or {})
-        self.dataset_options = {**(self.config.get("dataset_kwargs") or {}), **options}
-        self.source = self.dataset_options.pop("source")
-        self.grading = self.dataset_options.pop("grading", "default")
+        defaults = dict(self.config.get("dataset_kwargs") or {})
+        self.source = defaults.pop("source")
+        options = dict(options)
+        self.grading = options.pop("grading", "default")
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:  # a task takes the options its YAML's dataset_kwargs declare (and `grading`), nothing else
+            known = ", ".join(sorted(defaults)) or "none"
+            raise TaskOptionError(f"unknown task option {unknown[0]!r} for {name}; known: {known}, grading")
+        self.dataset_options = check_options(self.source, {**defaults, **options})
         self.grader: Grader = get_grader(self._grader_name(), self.metadata)
         self._doc_to_text = _resolve(self.config["doc_to_text"], path)
         self._docs: list[dict] | None = None
@@ -198,7 +209,8 @@ def get_task(name: str, data_dir: str | Path | None = None, **options: Any) -> T
     """
     tasks, groups = _index()
     if name in groups:
-        raise UnknownTaskError(f"{name!r} is a group of tasks ({', '.join(groups[name])}); use expand() first")
+        raise UnknownTaskError(f"{name!r} is a group of tasks ({', '.join(groups[name])}); name one of them "
+                               f"(in Python: expand() it)")
     if name not in tasks:
         raise _unknown(name)
     return Task(name, tasks[name], resolve_data_dir(data_dir), options)

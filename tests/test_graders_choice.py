@@ -33,6 +33,22 @@ def test_ten_options_and_grading():
         assert grade(doc, garbage).correct is False
 
 
+@pytest.mark.parametrize("response", [
+    "answer" + " " * 200_000 + "x",              # was quartic: 30 s for 400 spaces
+    ("**C" + " " * 300 + "x") * 3_000,
+    ("C" + " " * 300 + "x\n") * 3_000,
+    "\n" * 1_000_000 + "x",
+    "\\boxed{" * 150_000,
+])
+def test_extraction_is_linear(response):
+    """About 1 MB of shapes that backtracked in the old patterns: well under 2 s, graded wrong."""
+    import time
+
+    start = time.monotonic()
+    assert not grade({"options": OPTIONS, "answer": "C"}, response).correct
+    assert time.monotonic() - start < 2.0
+
+
 def test_real_mmlu_pro_and_gpqa(data_dir):
     from pathlib import Path
 

@@ -6,7 +6,14 @@ import time
 
 import pytest
 
-from tasks.math_grader import check_equivalent, check_many, extract_answer, grade_many, quick_check
+from tasks.math_grader import (
+    ExtractionTimeout,
+    check_equivalent,
+    check_many,
+    extract_answer,
+    grade_many,
+    quick_check,
+)
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -19,6 +26,9 @@ from tasks.math_grader import check_equivalent, check_many, extract_answer, grad
     ("no box at all: 42", None),
     ("\\boxed{unbalanced", None),
     ("$\\boxed 5$", "5"),
+    ("\\boxed{4} and later \\boxed{unclosed", "4"),                                       # unclosed last box skipped
+    ("\\boxed{a \\boxed{b} c \\boxed{d", "b"),                                              # ... also inside an unclosed one
+    ("\\boxed{x{y} \\boxed{z}", "z"),
 ])
 def test_extraction(response, expected):
     assert extract_answer(response) == expected
@@ -28,6 +38,36 @@ def test_answer_is_fallback_for_arith():
     assert extract_answer("The answer is 12.", fallback="answer_is") == "12"
     assert extract_answer("we get 3 then 17", fallback="answer_is") == "17"
     assert extract_answer("\\boxed{5} and 6", fallback="answer_is") == "5"
+    assert extract_answer("So the answer is 3.5.", fallback="answer_is") == "3.5"  # a decimal point ends no sentence
+    assert extract_answer("the answer is $12$ apples", fallback="answer_is") == "12"
+    assert extract_answer("answer: 7\nbut the answer is 9.", fallback="answer_is") == "9"   # the last one
+    assert extract_answer("The answer is.\nAnswer: 4", fallback="answer_is") == "4"
+
+
+ADVERSARIAL_RESPONSES = {  # ~1 MB each; the quadratic (or worse) shapes of the old extraction
+    "unclosed boxes": "\\boxed{" * 150_000,
+    "nested unclosed": "\\boxed{" + "{" * 1_000_000,
+    "boxes with spaces": "\\boxed " * 150_000,
+    "answer is, never ended": "the answer is 5 " * 65_000 + "$x",
+    "answer and spaces": ("answer" + " " * 300 + "x") * 3_000,
+    "think tags": "<think>" * 70_000 + "</think>" + "\\boxed{" * 70_000,
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL_RESPONSES)
+def test_extraction_is_linear(name):
+    """1 MB of an adversarial shape is extracted and graded (wrong) in well under 2 s."""
+    response = ADVERSARIAL_RESPONSES[name]
+    start = time.monotonic()
+    verdict = grade_many([({"answer": 70}, response)], workers=1, fallback="answer_is")[0]
+    assert time.monotonic() - start < 2.0, name
+    assert not verdict.correct
+
+
+def test_extraction_runs_under_the_check_bound():
+    with pytest.raises(ExtractionTimeout):
+        extract_answer("\\boxed{" * 10, timeout=-1.0)  # past its bound before it starts
+    assert extract_answer("\\boxed{" * 10 + "\\boxed{3}", timeout=3.0) == "3"
 
 
 @pytest.mark.parametrize("gold, answer, correct", [

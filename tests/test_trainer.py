@@ -177,3 +177,41 @@ def test_bad_train_file_is_a_cli_error(tmp_path, capsys):
     code = main(["train", "--train_file", str(bad), "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
     assert code == 2
     assert "bad.jsonl:2: field 'completion' missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_bit_identical_heads_and_a_finished_run_does_not_resume(tmp_path, smollm2_path,
+                                                                                        capsys):
+    """Two runs of the shipped CPU config with its seed: the same heads, bit for bit, and the same log
+    (the heads used to be created before the seed was set). Resuming the finished run: nothing to do."""
+    import torch
+    from safetensors.torch import load_file
+
+    from harness.cli import main
+    from heads.training import trainer as trainer_module
+
+    torch.set_num_threads(2)
+    data = write_arith_rows(tmp_path / "train.jsonl", smollm2_path, n=8)
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "train" / "smollm2_cpu.yaml"
+    runs = []
+    for name in ("a", "b"):
+        overrides = {"model": str(smollm2_path), "train_file": str(data), "output_dir": str(tmp_path / name),
+                     "max_steps": 3, "save_steps": 3, "max_length": 64, "report_to": "none"}
+        cfg = configs.build(AutoDecoTrainingConfig, (str(shipped), configs.load_yaml(shipped)), ("test", overrides))
+        assert cfg.seed == 42
+        runs.append(trainer_module.train(cfg))
+    first, second = (load_file(str(final / "model.safetensors")) for final in runs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    logs = [(tmp_path / name / "log_history.jsonl").read_text().splitlines() for name in ("a", "b")]
+    assert [json.loads(line)["loss"] for line in logs[0]] == [json.loads(line)["loss"] for line in logs[1]]
+
+    run = tmp_path / "a"
+    before = sorted(p.name for p in run.iterdir())
+    capsys.readouterr()
+    code = main(["train", "--config", str(shipped), "--model", str(smollm2_path), "--train_file", str(data),
+                 "--output_dir", str(run), "--max_steps", "3", "--save_steps", "3", "--max_length", "64",
+                 "--report_to", "none", "--resume_from_checkpoint", "latest"])
+    out = capsys.readouterr().out
+    assert code == 0 and "nothing to do" in out and "checkpoint-3 is at step 3 of 3" in out
+    assert sorted(p.name for p in run.iterdir()) == before  # no checkpoint-4/, no new log line
+    assert (run / "log_history.jsonl").read_text().splitlines() == logs[0]

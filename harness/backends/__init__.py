@@ -13,8 +13,8 @@ import sys
 
 from harness.backends.base import Backend, BackendError, Completion, Request, sample_seed
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "Completion", "Request", "get_backend", "loaded_in_turn",
-           "parse_options", "sample_seed"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "Completion", "Request", "check_backend", "get_backend",
+           "loaded_in_turn", "parse_options", "sample_seed"]
 
 # name -> "module:Class"
 BACKENDS: dict[str, str] = {
@@ -23,8 +23,32 @@ BACKENDS: dict[str, str] = {
 }
 
 
+def check_backend(name: str, options: dict) -> type[Backend]:
+    """The backend class for ``name``, refusing an unknown name or ``--backend-arg`` key before
+    any model is loaded (a backend that takes ``**options``, vLLM's engine arguments, takes any)."""
+    import inspect
+
+    cls = _backend_class(name)
+    parameters = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        known = [p for p in parameters if p not in ("self", "model")]
+        for key in options:
+            if key not in known:
+                raise BackendError(f"--backend-arg {key!r}: not an option of the {name} backend; "
+                                   f"known: {', '.join(known)}")
+    return cls
+
+
 def get_backend(name: str, model: str, **options) -> Backend:
     """Load ``model`` (a path or hub id) on the named backend."""
+    cls = check_backend(name, options)
+    try:
+        return cls(model, **options)
+    except OSError as err:
+        raise BackendError(f"cannot load model {model!r}: {err}") from None
+
+
+def _backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
     module_name, _, class_name = BACKENDS[name].partition(":")
@@ -38,10 +62,7 @@ def get_backend(name: str, model: str, **options) -> Backend:
         if len(found) != 1:
             raise BackendError(f"backend module {module_name} defines no {class_name}")
         cls = found[0]
-    try:
-        return cls(model, **options)
-    except OSError as err:
-        raise BackendError(f"cannot load model {model!r}: {err}") from None
+    return cls
 
 
 def parse_options(items: list[str]) -> dict:

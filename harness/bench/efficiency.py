@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from harness.core.errors import UserError
-from harness.core.files import atomic_write_json
+from harness.core.files import atomic_write_json, check_output_file
 from harness.models import resolve_model
 
 METHODS = ("default", "autodeco")
@@ -265,6 +265,7 @@ def run(args) -> int:
     gen_tokens = 1000 if args.paper_sizes and args.gen_tokens is None else (args.gen_tokens or 32)
     if gen_tokens < 1 or args.repeats < 1:
         raise UserError("--gen-tokens and --repeats must be >= 1")
+    check_output_file(args.out, "--out")
     try:
         result = measure_efficiency(args.model, lengths, gen_tokens, args.repeats, args.device, args.dtype,
                                     args.heads, args.threads, Path(args.out))

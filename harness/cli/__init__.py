@@ -28,8 +28,16 @@ COMMAND_MODULES = (
 )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other user error (no usage block):
+    ``autodeco <command>: error: <message> (see --help)``, exit code 2. Subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="autodeco",
         description="AutoDeco harness: learned per-token temperature/top-p, evaluated the paper's way.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -39,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def _command(args: argparse.Namespace) -> str:
+    """``autodeco tasks show``, ``autodeco bench decode``, ...: the command as typed."""
+    words = ["autodeco", args.command]
+    for sub in ("tasks_command", "model_command", "data_command", "bench"):
+        if getattr(args, sub, None):
+            words.append(getattr(args, sub))
+    return " ".join(words)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
-    except UserError as err:
-        print(f"autodeco {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:  # one line, whatever the message holds
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"{_command(args)}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

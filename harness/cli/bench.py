@@ -7,6 +7,38 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
+
+from harness.cli.common import MAX_PROBLEMS, MAX_SAMPLES, MAX_SEEDS, MAX_TOKENS, int_at_least
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expects cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _lengths(text: str) -> str:
+    from harness.bench.efficiency import parse_lengths
+
+    try:
+        parse_lengths(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _backend_names(text: str) -> str:
+    from harness.backends import BACKENDS
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {', '.join(unknown) or repr(text)}; known: "
+                                         f"{', '.join(BACKENDS)}")
+    return ",".join(names)
 
 
 def _run(target: str):
@@ -23,10 +55,12 @@ def _engine_common(p: argparse.ArgumentParser, samples: int, max_tokens: int) ->
     p.add_argument("--model", default="smollm2", help="smollm2, a configs/models preset, a folder or a hub id")
     p.add_argument("--task", default="arith", help="task (default: arith, synthetic, no data needed)")
     p.add_argument("--data-dir")
-    p.add_argument("--limit", type=int, default=2, help="problems (default 2)")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--samples", type=int, default=samples, help=f"samples per problem (default {samples})")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per sample (default {max_tokens})")
+    p.add_argument("--limit", type=int_at_least(1, MAX_PROBLEMS), default=2, help="problems (default 2)")
+    p.add_argument("--seeds", type=int_at_least(1, MAX_SEEDS), default=1)
+    p.add_argument("--samples", type=int_at_least(1, MAX_SAMPLES), default=samples,
+                   help=f"samples per problem (default {samples})")
+    p.add_argument("--max-tokens", type=int_at_least(1, MAX_TOKENS), default=max_tokens,
+                   help=f"tokens per sample (default {max_tokens})")
     p.add_argument("--decoding", default="default")
     p.add_argument("--out", help="write the measurement as JSON into this folder")
 
@@ -52,12 +86,13 @@ def _decode(bench_subparsers) -> None:
         "nucleus alone vs a naive full sort.",
     )
     bench.add_argument("--model", default="smollm2", help="base model (fresh heads are added)")
-    bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--context", type=int, default=256, help="prompt length in tokens")
-    bench.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence")
-    bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median reported)")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--batch-size", type=int_at_least(1, 4096), default=16)
+    bench.add_argument("--context", type=int_at_least(1, MAX_TOKENS), default=256, help="prompt length in tokens")
+    bench.add_argument("--new-tokens", type=int_at_least(1, MAX_TOKENS), default=32,
+                       help="generated tokens per sequence")
+    bench.add_argument("--repeats", type=int_at_least(1, 1000), default=5, help="interleaved repeats (median reported)")
+    bench.add_argument("--threads", type=int_at_least(0, 1024), default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--seed", type=int_at_least(0), default=0)
     bench.set_defaults(func=_run("decode:run"))
 
 
@@ -66,12 +101,13 @@ def _engine(bench_subparsers) -> None:
     _engine_common(o, samples=4, max_tokens=32)
     o.add_argument("--backend", default="hf")
     o.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE")
-    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--repeats", type=int_at_least(1, 1000), default=3)
     o.set_defaults(func=_run("engine:overhead"))
 
     b = bench_subparsers.add_parser("backends", help="throughput of vllm vs hf on the same requests")
     _engine_common(b, samples=16, max_tokens=64)
-    b.add_argument("--backends", default="vllm,hf", help="comma-separated backends (default vllm,hf)")
+    b.add_argument("--backends", type=_backend_names, default="vllm,hf",
+                   help="comma-separated backends (default vllm,hf)")
     b.set_defaults(func=_run("engine:backends"), backend="hf")
 
 
@@ -81,14 +117,15 @@ def _training(bench_subparsers) -> None:
         description="Forward + backward of the top-p loss on synthetic LM-like logits [1, L, V]; each run in a "
         "fresh process, extra peak RSS over the inputs; repeats interleaved, medians reported.",
     )
-    loss.add_argument("--length", type=int, default=4096)
-    loss.add_argument("--vocab", type=int, default=49152)
-    loss.add_argument("--chunk", type=int, default=256, help="positions per chunk")
-    loss.add_argument("--repeats", type=int, default=3)
-    loss.add_argument("--direct-repeats", type=int, default=1, help="the direct form needs ~10 GiB; run it fewer times")
+    loss.add_argument("--length", type=int_at_least(1, MAX_TOKENS), default=4096)
+    loss.add_argument("--vocab", type=int_at_least(2, 10_000_000), default=49152)
+    loss.add_argument("--chunk", type=int_at_least(1, MAX_TOKENS), default=256, help="positions per chunk")
+    loss.add_argument("--repeats", type=int_at_least(1, 1000), default=3)
+    loss.add_argument("--direct-repeats", type=int_at_least(0, 1000), default=1,
+                      help="the direct form needs ~10 GiB; run it fewer times")
     loss.add_argument("--skip-direct", action="store_true")
-    loss.add_argument("--threads", type=int, default=2)
-    loss.add_argument("--seed", type=int, default=0)
+    loss.add_argument("--threads", type=int_at_least(1, 1024), default=2)
+    loss.add_argument("--seed", type=int_at_least(0), default=0)
     loss.add_argument("--json", help="also write the summary here")
     loss.set_defaults(func=_run("training:loss"))
 
@@ -98,11 +135,11 @@ def _training(bench_subparsers) -> None:
         "forward alone, same batch and length; medians.",
     )
     train.add_argument("--model", default="smollm2")
-    train.add_argument("--batch", type=int, default=1)
-    train.add_argument("--length", type=int, default=256)
-    train.add_argument("--steps", type=int, default=6)
-    train.add_argument("--forward-repeats", type=int, default=3)
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--batch", type=int_at_least(1, 4096), default=1)
+    train.add_argument("--length", type=int_at_least(2, MAX_TOKENS), default=256)
+    train.add_argument("--steps", type=int_at_least(1, 100_000), default=6)
+    train.add_argument("--forward-repeats", type=int_at_least(1, 1000), default=3)
+    train.add_argument("--threads", type=int_at_least(1, 1024), default=2)
     train.add_argument("--json")
     train.set_defaults(func=_run("training:train"))
 
@@ -116,13 +153,16 @@ def _efficiency(bench_subparsers) -> None:
                     "1000 generated tokens (GPU).")
     bench.add_argument("--model", default="smollm2", help="base model (name, folder or hub id)")
     bench.add_argument("--heads", help="a trained heads-only folder (default: freshly constructed heads)")
-    bench.add_argument("--prompt-lengths", default="256,1k", help="comma-separated, k = 1024 (default 256,1k)")
+    bench.add_argument("--prompt-lengths", type=_lengths, default="256,1k",
+                       help="comma-separated, k = 1024 (default 256,1k)")
     bench.add_argument("--paper-sizes", action="store_true", help="prompt lengths 1k,2k,4k,8k,16k,24k, 1000 tokens")
-    bench.add_argument("--gen-tokens", type=int, help="generated tokens per run (default 32; 1000 with --paper-sizes)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per method and length (median)")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    bench.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
-    bench.add_argument("--threads", type=int, help="torch CPU threads")
+    bench.add_argument("--gen-tokens", type=int_at_least(1, MAX_TOKENS),
+                       help="generated tokens per run (default 32; 1000 with --paper-sizes)")
+    bench.add_argument("--repeats", type=int_at_least(1, 1000), default=3,
+                       help="timed runs per method and length (median)")
+    bench.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:i]")
+    bench.add_argument("--dtype", choices=DTYPES, default="float32", help="float32, bfloat16, float16")
+    bench.add_argument("--threads", type=int_at_least(1, 1024), help="torch CPU threads")
     bench.add_argument("--out", default="outputs/efficiency/efficiency.json", help="where efficiency.json goes")
     bench.set_defaults(func=_run("efficiency:run"))
 
@@ -130,7 +170,7 @@ def _efficiency(bench_subparsers) -> None:
 def _grading(bench_subparsers) -> None:
     p = bench_subparsers.add_parser("grading", help="grade 128 x 270 math answers, print the time (target <= 60 s)")
     p.add_argument("--data-dir", help="benchmark files (default $AUTODECO_DATA_DIR; without: arith problems only)")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int_at_least(1, 100_000), default=128)
+    p.add_argument("--workers", type=int_at_least(1, 1024), default=2)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.set_defaults(func=_run("grading:main"))

@@ -3,8 +3,18 @@ factories, the log line writer."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from dataclasses import dataclass, field
+
+# Upper bounds on sizes a user gives: far above any real run, low enough that a typo
+# (seeds=100000, --limit 100000000) fails at once instead of planning for hours or filling memory.
+MAX_SEEDS = 1024
+MAX_SAMPLES = 4096           # per problem and seed (the paper: 16; Pass@64 needs 64)
+MAX_PROBLEMS = 1_000_000     # --limit
+MAX_TOKENS = 1_048_576       # generation budget per sample
+MAX_SAMPLES_PER_RUN = 50_000_000  # problems x seeds x samples of one evaluation
 
 MODEL_HELP = ("smollm2 (embedded), a configs/models/ preset, a local folder, a hub id, or a training run "
               "folder holding checkpoint-*/ (every candidate)")
@@ -47,3 +57,37 @@ def tracker_factory(mode: str, job_type: str, group: str | None = None):
 
 def log(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def int_at_least(low: int, high: int | None = None):
+    """An argparse ``type``: an integer in [low, high] (the error names the value and the bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_in(low: float, high: float, low_open: bool = False):
+    """An argparse ``type``: a finite float in [low, high] (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse

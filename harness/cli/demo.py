@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.cli.common import MAX_PROBLEMS, MAX_SAMPLES, MAX_SEEDS, MAX_TOKENS
 from harness.core import config as configs
 from harness.core.config import FieldError
 from harness.core.errors import UserError
@@ -59,10 +60,32 @@ class DemoConfig:
     backend: str = field(default="vllm", metadata={"help": "generation backend", "choices": ("hf", "vllm")})
 
     def check(self) -> None:
-        for name in ("train_problems", "reject_samples", "train_steps", "eval_limit", "seeds", "samples",
-                     "max_tokens", "bench_limit", "steer_prompts"):
-            if getattr(self, name) < 1:
-                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        """Every size, the grid, the tasks and the preset: a bad value fails before step 1, not
+        twenty minutes in."""
+        from harness.decoding import PresetError, parse_spec
+        from harness.sweep import check_grid
+        from tasks import expand
+        from tasks.data import ARITH_MAX_N
+
+        for name, high in (("train_problems", ARITH_MAX_N), ("reject_samples", MAX_SAMPLES),
+                           ("train_steps", 1_000_000), ("eval_limit", MAX_PROBLEMS), ("seeds", MAX_SEEDS),
+                           ("samples", MAX_SAMPLES), ("max_tokens", MAX_TOKENS), ("bench_limit", MAX_PROBLEMS),
+                           ("steer_prompts", MAX_PROBLEMS)):
+            if not 1 <= getattr(self, name) <= high:
+                raise FieldError(name, f"must be in 1..{high}, got {getattr(self, name)}")
+        try:
+            check_grid(self.sweep_grid, 1.0)  # the same grid serves T and top-p
+        except ValueError as err:
+            raise FieldError("sweep_grid", str(err)) from None
+        try:
+            if self.bench_tasks:
+                expand(self.bench_tasks)
+        except UserError as err:
+            raise FieldError("bench_tasks", str(err)) from None
+        try:
+            parse_spec(self.reject_decoding)
+        except PresetError as err:
+            raise FieldError("reject_decoding", str(err)) from None
 
 
 class DemoStepFailed(UserError, RuntimeError):
@@ -232,7 +255,10 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def cmd_demo(args) -> int:
+    from harness.core.files import check_output_folder
+
     config = configs.from_args(DemoConfig, args)
+    check_output_folder(config.out, "--out")
     try:
         return run_demo(config)
     except DemoStepFailed as err:

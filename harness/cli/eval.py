@@ -13,9 +13,19 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.cli.common import EngineOptions, log, tracker_factory
+from harness.cli.common import (
+    MAX_PROBLEMS,
+    MAX_SAMPLES,
+    MAX_SAMPLES_PER_RUN,
+    MAX_SEEDS,
+    MAX_TOKENS,
+    EngineOptions,
+    log,
+    tracker_factory,
+)
 from harness.core import config as configs
 from harness.core.config import FieldError
+from harness.core.errors import UserError
 
 EVAL_EPILOG = """\
 examples:
@@ -65,12 +75,25 @@ class RunOptions(EngineOptions):
                 "multiple-choice tasks), for numbers like-for-like with its tables", "choices": ("default", "official")})
 
     def check(self) -> None:
+        """Everything that can be checked without data or a model: names, sizes, the presets."""
+        from harness.backends import BackendError, parse_options
+        from tasks import expand
+
         if not self.tasks:
             raise FieldError("tasks", "is required (a flag or a --config that sets tasks)")
-        for name in ("seeds", "samples", "limit", "max_tokens"):
+        for name, high in (("seeds", MAX_SEEDS), ("samples", MAX_SAMPLES), ("limit", MAX_PROBLEMS),
+                           ("max_tokens", MAX_TOKENS)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise FieldError(name, f"must be >= 1, got {value}")
+            if value is not None and not 1 <= value <= high:
+                raise FieldError(name, f"must be in 1..{high}, got {value}")
+        try:
+            expand(self.tasks)
+        except UserError as err:
+            raise FieldError("tasks", str(err)) from None
+        try:
+            parse_options(self.backend_arg)
+        except BackendError as err:
+            raise FieldError("backend_arg", str(err).removeprefix("--backend-arg ")) from None
 
 
 @dataclass
@@ -80,13 +103,66 @@ class EvalConfig(RunOptions):
                 "(greedy,default,static:temperature=0.6,top_p=0.95) share one model load and write one "
                 "results file each"})
 
+    def check(self) -> None:
+        from harness.decoding import PresetError, parse_specs
+
+        super().check()
+        try:
+            parse_specs(self.decoding)
+        except PresetError as err:
+            raise FieldError("decoding", str(err)) from None
+
+
+MAX_TEMPERATURE = 100.0
+
 
 @dataclass
 class SweepConfig(RunOptions):
-    temperatures: str = field(default="0.1:1.0:0.1", metadata={"help": "start:stop:step or a list"})
-    top_ps: str = field(default="0.1:1.0:0.1", metadata={"help": "start:stop:step or a list"})
+    temperatures: str = field(default="0.1:1.0:0.1", metadata={
+        "help": f"start:stop:step or a list, each in (0, {MAX_TEMPERATURE:g}]"})
+    top_ps: str = field(default="0.1:1.0:0.1", metadata={"help": "start:stop:step or a list, each in (0, 1]"})
     group: str | None = field(default=None, metadata={"help": "W&B group shared by the sweep's runs "
                                                               "(default: sweep-<model>-<time>)"})
+
+    def check(self) -> None:
+        from harness.sweep import check_grid
+
+        super().check()
+        for name, high in (("temperatures", MAX_TEMPERATURE), ("top_ps", 1.0)):
+            try:
+                check_grid(getattr(self, name), high)
+            except ValueError as err:
+                raise FieldError(name, str(err)) from None
+
+
+def _check_presets(model_path: str, presets: list) -> None:
+    """What a model must have for this run, known from its files: heads for the AutoDeco presets,
+    a chat template for the tasks' prompts."""
+    from harness.backends import BackendError
+    from harness.models import has_chat_template, is_autodeco
+
+    needs_heads = [p.key for p in presets if p.heads is not None]
+    if needs_heads and not is_autodeco(model_path):
+        raise BackendError(f"--decoding {', '.join(needs_heads)} needs an AutoDeco model; {model_path} is a plain "
+                           f"causal LM (use greedy/default/static/..., or `autodeco construct`)")
+    if has_chat_template(model_path) is False:
+        raise BackendError(f"{model_path} has no chat template (chat_template.jinja, or chat_template in "
+                           f"tokenizer_config.json): the tasks' prompts are chat messages")
+
+
+def _load_data(cfg: RunOptions) -> list:
+    """The tasks with their docs loaded (a missing file or a bad row fails here, before any model
+    is loaded), and the run's size bounded: problems x seeds x samples."""
+    from harness.runner import RunError
+    from tasks import load_tasks
+
+    tasks = load_tasks(cfg.tasks, cfg.data_dir, grading=cfg.grading)
+    problems = sum(len(task.docs(cfg.limit)) for task in tasks)
+    total = problems * cfg.seeds * cfg.samples
+    if total > MAX_SAMPLES_PER_RUN:
+        raise RunError(f"{problems} problems x {cfg.seeds} seeds x {cfg.samples} samples = {total} samples, more "
+                       f"than {MAX_SAMPLES_PER_RUN} in one run; lower --limit, --seeds or --samples")
+    return tasks
 
 
 def _specs(cfg: RunOptions, target, presets: list):
@@ -112,20 +188,23 @@ def cmd_eval(args) -> int:
     The candidates of a training run share their base, so after the first one is loaded the
     others only swap head weights into it (``Backend.load_heads``) where the backend can.
     """
-    from harness.backends import loaded_in_turn
+    from harness.backends import check_backend, loaded_in_turn
+    from harness.core.files import check_output_folder
     from harness.decoding import parse_specs
     from harness.models import resolve_targets
     from harness.runner import check_output, evaluate
-    from tasks import load_tasks
 
     cfg = configs.from_args(EvalConfig, args)
     presets = parse_specs(cfg.decoding)
     options = cfg.engine_options()
-    tasks = load_tasks(cfg.tasks, cfg.data_dir, grading=cfg.grading)
+    check_backend(cfg.backend, options)
+    check_output_folder(cfg.out, "--out")
+    tasks = _load_data(cfg)
     targets = resolve_targets(cfg.model)
     specs = [_specs(cfg, target, presets) for target in targets]
-    for target_specs in specs:  # refuse a conflicting output dir before loading any model
-        check_output(cfg.out, target_specs[0])
+    for target, target_specs in zip(targets, specs, strict=True):  # before loading any model:
+        check_output(cfg.out, target_specs[0])  # a conflicting output dir
+        _check_presets(target.path, presets)  # an AutoDeco preset for a plain model
     with closing(loaded_in_turn([t.path for t in targets], cfg.backend, options)) as backends:
         for target_specs, backend in zip(specs, backends, strict=True):
             for spec in target_specs:
@@ -145,27 +224,24 @@ def _print_results(path: Path) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from harness.backends import get_backend
+    from harness.backends import check_backend, get_backend
     from harness.core.errors import UserError
+    from harness.core.files import check_output_folder
     from harness.decoding import get_preset
     from harness.models import resolve_targets
     from harness.runner import check_output
     from harness.sweep import parse_grid, sweep
-    from tasks import load_tasks
 
-    cfg = configs.from_args(SweepConfig, args)
-    try:
-        temperatures = parse_grid(cfg.temperatures, "--temperatures")
-        top_ps = parse_grid(cfg.top_ps, "--top-ps")
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if min(temperatures) <= 0 or not all(0 < p <= 1 for p in top_ps):
-        raise UserError("temperatures must be > 0 and top-ps in (0, 1]")
+    cfg = configs.from_args(SweepConfig, args)  # checks the grids: finite, in range, at most MAX_GRID_POINTS
+    temperatures, top_ps = parse_grid(cfg.temperatures), parse_grid(cfg.top_ps)
     options = cfg.engine_options()
-    tasks = load_tasks(cfg.tasks, cfg.data_dir, grading=cfg.grading)
+    check_backend(cfg.backend, options)
+    check_output_folder(cfg.out, "--out")
+    tasks = _load_data(cfg)
     targets = resolve_targets(cfg.model)
-    if len(targets) != 1:
-        raise UserError("sweep takes one model, not a training run folder")
+    if len(targets) != 1 or targets[0].candidate is not None:
+        raise UserError(f"--model {cfg.model}: sweep takes one model, not a training run folder (pick one of "
+                        f"its checkpoints: {', '.join(t.path for t in targets)})")
     (target,) = targets
     (spec,) = _specs(cfg, target, [get_preset("default")])
     check_output(cfg.out, spec)

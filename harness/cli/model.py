@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from harness.cli.common import int_at_least
+
+MAX_HEAD_WIDTH = 65536
 DECODING_MODES = {  # --decoding value -> (temperature head acts, top-p head acts)
     "autodeco": (True, True),
     "autodeco-temp": (True, False),
@@ -22,8 +25,11 @@ def _model_path(name: str) -> str:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from harness.core.files import check_output_folder
     from heads.smollm2 import ensure_smollm2
 
+    if args.home:
+        check_output_folder(args.home, "--home")
     print(ensure_smollm2(args.home))
     return 0
 
@@ -142,8 +148,9 @@ def register(subparsers) -> None:
                            help="the top-p head acts when decoding (default: on)")
     construct.add_argument("--enhanced-features", action=argparse.BooleanOptionalAction, default=True,
                            help="top-p head also reads max prob, entropy, variance, top-5 mass (default: on)")
-    construct.add_argument("--head-width", type=int, default=256, help="hidden width of both head MLPs")
-    construct.add_argument("--seed", type=int, default=0, help="seed for the head initialisation")
+    construct.add_argument("--head-width", type=int_at_least(1, MAX_HEAD_WIDTH), default=256,
+                           help="hidden width of both head MLPs")
+    construct.add_argument("--seed", type=int_at_least(0), default=0, help="seed for the head initialisation")
     construct.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     construct.set_defaults(func=_construct)
 
@@ -176,9 +183,9 @@ def register(subparsers) -> None:
     generate.add_argument("--model", default="smollm2",
                           help="AutoDeco folder, or a base (`smollm2`, folder, hub id) with fresh heads")
     generate.add_argument("--prompt", default="What is 12 + 30? Answer briefly.")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--max-new-tokens", type=int_at_least(1, 1_000_000), default=32)
     generate.add_argument("--decoding", choices=sorted(DECODING_MODES), default="autodeco",
                           help="which heads act on the logits (default: both)")
     generate.add_argument("--greedy", action="store_true", help="greedy instead of sampling")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int_at_least(0), default=0)
     generate.set_defaults(func=_generate)

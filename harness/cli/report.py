@@ -6,9 +6,11 @@ Handlers import matplotlib / torch lazily so `autodeco --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
+from harness.cli.common import int_at_least
 from harness.core.errors import UserError
 
 REPORT_INTRO = """\
@@ -35,30 +37,77 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+def _ks(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--ks {text!r}: expected comma-separated integers, e.g. 4,16,64") from None
+    if not ks or min(ks) < 1:
+        raise UserError(f"--ks {text!r}: every k must be >= 1")
+    return ks
+
+
+def _has_inputs(inputs) -> bool:
+    from reports.runs import find_files
+
+    return bool(inputs.runs or inputs.sweeps or inputs.steering
+                or find_files(inputs.dirs, "efficiency.json") or find_files(inputs.dirs, "log_history.jsonl"))
+
+
 def cmd_report(args) -> int:
+    """Damaged inputs (a truncated results file, one of the wrong shape) are skipped with one
+    warning line each and the rest is reported; with nothing usable left it is an error, and
+    nothing is written."""
+    from harness.core.files import check_output_folder
     from reports.index import REPORTS, Inputs, Options, run_all, write_index
 
     if not args.runs and not args.wandb:
         raise UserError("give --runs DIR... and/or --wandb SRC (see `autodeco report --help`)")
-    inputs = Inputs.scan(args.runs or [], _pairs(args.alias, "--alias"))
+    aliases, pair, paper_model = _pairs(args.alias, "--alias"), _pairs(args.pair, "--pair"), _pairs(
+        args.paper_model, "--paper-model")
+    ks = _ks(args.ks)
+    out = Path(args.out)
+    check_output_folder(out, "--out")
+    for folder in args.runs or []:
+        if not Path(folder).exists():
+            raise UserError(f"--runs {folder}: no such results file or folder")
+    damaged: list[str] = []
+    inputs = Inputs.scan(args.runs or [], aliases, on_error=damaged.append)
     if args.wandb:
         from reports.wandb_runs import find_wandb_runs
 
         inputs.add_runs(find_wandb_runs(args.wandb, note=lambda line: print(line, file=sys.stderr)))
+    if not _has_inputs(inputs):
+        where = ", ".join(args.runs or []) + "".join(f", W&B {w}" for w in args.wandb or [])
+        if damaged:
+            raise UserError(f"no usable inputs under {where.lstrip(', ')}: " + "; ".join(damaged))
+        raise UserError(f"no result files (results_*.json, sweep_summary_*.json, steer_*.json, efficiency.json, "
+                        f"log_history.jsonl) under {where.lstrip(', ')}")
+    for message in damaged:
+        print(f"autodeco report: warning: {message}; skipped", file=sys.stderr)
     options = Options(tasks=args.tasks.split(",") if args.tasks else None, paper=args.paper,
-                      paper_model=_pairs(args.paper_model, "--paper-model"), pair=_pairs(args.pair, "--pair"),
-                      ks=[int(k) for k in args.ks.split(",")] if args.ks else None, max_lines=args.max_lines)
-    out = Path(args.out)
-    if args.kind == "all":
-        done = run_all(inputs, out, options)
-        sources = [str(d) for d in inputs.dirs] + [f"W&B {w}" for w in args.wandb or []]
-        index = write_index(out, done, header="Inputs: " + ", ".join(sources))
-        print(f"wrote {index}")
-        return 0
+                      paper_model=paper_model, pair=pair, ks=ks, max_lines=args.max_lines)
+    created = not out.exists()
     try:
-        paths = REPORTS[args.kind].build(inputs, out, options)
-    except ValueError as err:
-        raise UserError(f"{args.kind}: {err}") from err
+        if args.kind == "all":
+            done = run_all(inputs, out, options)
+            if all(isinstance(result, str) for result in done.values()):
+                reasons = "; ".join(f"{kind}: {result.removeprefix('skipped: ')}" for kind, result in done.items())
+                raise UserError(f"no report has inputs ({reasons})")
+            sources = [str(d) for d in inputs.dirs] + [f"W&B {w}" for w in args.wandb or []]
+            index = write_index(out, done, header="Inputs: " + ", ".join(sources))
+            print(f"wrote {index}")
+            return 0
+        try:
+            paths = REPORTS[args.kind].build(inputs, out, options)
+        except ValueError as err:
+            raise UserError(f"{args.kind}: {err}") from err
+    except BaseException:
+        if created and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)  # nothing of a report that failed
+        raise
     for path in paths:
         print(path)
     return 0
@@ -93,5 +142,5 @@ def register(subparsers) -> None:
     report.add_argument("--pair", action="append", metavar="BASE=AUTODECO",
                         help="oracle: which AutoDeco model's line to draw on a base model's sweep")
     report.add_argument("--ks", help="passk: comma-separated k values (default: every k > 1 present)")
-    report.add_argument("--max-lines", type=int, default=6, help="traces: generations to draw")
+    report.add_argument("--max-lines", type=int_at_least(1, 1000), default=6, help="traces: generations to draw")
     report.set_defaults(func=cmd_report)

@@ -13,7 +13,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.cli.common import EngineOptions, log
+from harness.cli.common import MAX_PROBLEMS, MAX_SEEDS, MAX_TOKENS, EngineOptions, log
 from harness.core import config as configs
 from harness.core.config import FieldError
 
@@ -38,15 +38,16 @@ class SteerOptions(EngineOptions):
     commands: dict = field(default_factory=dict, metadata={"help": "name -> {text, direction} (from --config)"})
 
     def check(self) -> None:
-        for name in ("limit", "seeds", "max_tokens"):
+        for name, high in (("limit", MAX_PROBLEMS), ("seeds", MAX_SEEDS), ("max_tokens", MAX_TOKENS)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise FieldError(name, f"must be >= 1, got {value}")
+            if value is not None and not 1 <= value <= high:
+                raise FieldError(name, f"must be in 1..{high}, got {value}")
 
 
 def cmd_steer(args) -> int:
     from harness import steer
-    from harness.backends import loaded_in_turn
+    from harness.backends import check_backend, loaded_in_turn
+    from harness.core.files import check_output_folder
     from harness.models import require_autodeco, resolve_targets
 
     source = Path(args.config or steer.DEFAULT_CONFIG)
@@ -55,6 +56,8 @@ def cmd_steer(args) -> int:
     config.prompts = config.prompts[: cfg.limit] if cfg.limit else config.prompts
     seeds = list(range(cfg.seeds))
     options = cfg.engine_options()
+    check_backend(cfg.backend, options)
+    check_output_folder(cfg.out, "--out")
     targets = resolve_targets(cfg.model)
     for target in targets:  # refuse a plain model before loading anything
         require_autodeco(target.path, "steering measures the AutoDeco heads' T and P")

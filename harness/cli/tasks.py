@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from harness.cli.common import int_at_least
 from harness.core.errors import UserError
+from harness.core.files import check_output_folder
 from harness.core.paths import REPO_ROOT
 
 
@@ -24,17 +26,11 @@ def _task_options(pairs: list[str] | None) -> dict:
 
 
 def _load_task(name: str, data_dir: str | None, options: list[str] | None):
-    from tasks.data import DataError
     from tasks.registry import get_task
 
-    try:
-        task = get_task(name, data_dir=data_dir, **_task_options(options))
-        task.docs()  # load now: a missing file, a malformed row or the hub fails here, clearly
-        return task
-    except KeyError as err:
-        raise UserError(str(err.args[0])) from None
-    except (DataError, ValueError) as err:
-        raise UserError(str(err)) from None
+    task = get_task(name, data_dir=data_dir, **_task_options(options))
+    task.docs()  # load now: a missing file, a malformed row or the hub fails here, clearly
+    return task
 
 
 def cmd_list(args) -> int:
@@ -76,12 +72,13 @@ def cmd_prepare(args) -> int:
 def cmd_grade(args) -> int:
     from harness.results import ResponsesError, grade_file
 
-    task = _load_task(args.task, args.data_dir, args.task_option)
-    responses = Path(args.responses)
+    responses, out = Path(args.responses), Path(args.out)
     if not responses.is_file():
-        raise UserError(f"--responses {responses} does not exist")
+        raise UserError(f"--responses {responses} {'is a folder, not a file' if responses.is_dir() else 'does not exist'}")
+    check_output_folder(out, "--out")
+    task = _load_task(args.task, args.data_dir, args.task_option)
     try:
-        samples, results, metrics = grade_file(task, responses, Path(args.out), workers=args.workers)
+        samples, results, metrics = grade_file(task, responses, out, workers=args.workers)
     except ResponsesError as err:
         raise UserError(str(err)) from None
     shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
@@ -107,7 +104,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", help="a task's settings and its first prompts")
     p.add_argument("task")
-    p.add_argument("-n", type=int, default=1, help="how many prompts to print (default 1)")
+    p.add_argument("-n", type=int_at_least(0), default=1, help="how many prompts to print (default 1)")
     _add_data_args(p)
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("prepare", help="offline NLTK punkt data for IFEval; report the code sandbox (idempotent)")
@@ -124,6 +121,7 @@ def register(subparsers) -> None:
     grade.add_argument("--task", required=True)
     grade.add_argument("--responses", required=True, help="JSONL file of responses")
     grade.add_argument("--out", required=True, help="output folder")
-    grade.add_argument("--workers", type=int, default=None, help="grading processes (default: CPU count)")
+    grade.add_argument("--workers", type=int_at_least(1, 1024), default=None,
+                       help="grading processes (default: CPU count)")
     _add_data_args(grade)
     grade.set_defaults(func=cmd_grade)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from harness.cli.common import MAX_PROBLEMS, MAX_SAMPLES, MAX_TOKENS, int_at_least
 from harness.core import config as configs
 from harness.core.errors import UserError
 from heads.training.config import AutoDecoArguments
@@ -47,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     layers = [(args.config, configs.load_yaml(args.config))] if args.config else []
     config = configs.build(AutoDecoTrainingConfig, *layers, (configs.COMMAND_LINE, overrides))
     final = train(config)
-    print(f"heads saved to {final}")
+    print(f"heads: {final}")
     return 0
 
 
@@ -90,12 +91,19 @@ def _register_train(subparsers) -> None:
 
 
 def _reject_sample(args: argparse.Namespace) -> int:
-    from harness.backends import get_backend, parse_options
+    """Everything the user gave is checked (output, preset, backend, model, problems) before the
+    model is loaded; the rows are written at the end, in one go."""
+    from harness.backends import check_backend, get_backend, parse_options
+    from harness.core.files import check_output_file
+    from harness.decoding import parse_spec
     from harness.models import resolve_model
     from heads.training.reject_sample import load_source, reject_sample
 
-    if args.samples < 1:
-        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    check_output_file(args.out, "--out")
+    parse_spec(args.decoding)
+    options = parse_options(args.backend_arg)
+    check_backend(args.backend, options)
+    model = resolve_model(args.model)
     try:
         source = load_source(args.task, limit=args.limit, seed=args.seed, data_dir=args.data_dir,
                              data_file=args.data_file, difficulty=args.difficulty)
@@ -103,7 +111,7 @@ def _reject_sample(args: argparse.Namespace) -> int:
         if isinstance(err, UserError):
             raise
         raise UserError(f"cannot load problems for {args.task!r}: {err}") from None
-    backend = get_backend(args.backend, resolve_model(args.model), **parse_options(args.backend_arg))
+    backend = get_backend(args.backend, model, **options)
     try:
         stats = reject_sample(backend, source, args.samples, args.out, preset_spec=args.decoding,
                               seed=args.seed, max_tokens=args.max_tokens, keep_truncated=args.keep_truncated,
@@ -125,17 +133,19 @@ def _register_data(subparsers) -> None:
     )
     rs.add_argument("--model", default="smollm2", help="base model: smollm2, a configs/models preset, a folder or a hub id (default smollm2)")
     rs.add_argument("--task", default="arith", help="arith, deepmath (= zwhe99/DeepMath-103K) or a task name")
-    rs.add_argument("--samples", type=int, default=4, help="completions per problem (k; default 4)")
+    rs.add_argument("--samples", type=int_at_least(1, MAX_SAMPLES), default=4,
+                    help="completions per problem (k; default 4)")
     rs.add_argument("--out", required=True, help="output JSONL")
-    rs.add_argument("--limit", type=int, help="number of problems (arith: generated; deepmath: seeded subset)")
-    rs.add_argument("--seed", type=int, default=0, help="sampling seed (and arith problem seed)")
+    rs.add_argument("--limit", type=int_at_least(1, MAX_PROBLEMS),
+                    help="number of problems (arith: generated; deepmath: seeded subset)")
+    rs.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (and arith problem seed)")
     rs.add_argument("--decoding", default="default", help="sampling preset (default: plain T=1 sampling)")
-    rs.add_argument("--max-tokens", type=int, help="generation budget (default: the source's)")
+    rs.add_argument("--max-tokens", type=int_at_least(1, MAX_TOKENS), help="generation budget (default: the source's)")
     rs.add_argument("--backend", default="hf", help="hf or vllm (default hf)")
     rs.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE", help="backend option")
     rs.add_argument("--data-file", help="local DeepMath-103K copy (.jsonl/.json/.parquet) instead of the hub")
     rs.add_argument("--data-dir", help="benchmark files for task sources (else $AUTODECO_DATA_DIR / hub)")
-    rs.add_argument("--difficulty", type=int, help="arith difficulty 1..5 (default 2)")
+    rs.add_argument("--difficulty", type=int_at_least(1, 5), help="arith difficulty 1..5 (default 2)")
     rs.add_argument("--keep-truncated", action="store_true", help="also keep correct completions cut at max tokens")
     rs.add_argument("--no-progress", action="store_true")
     rs.set_defaults(func=_reject_sample)

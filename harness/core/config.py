@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -109,7 +110,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config {path}: {'is a folder' if path.is_dir() else 'no such file'}")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: not a text file (not UTF-8)") from None
+    except yaml.YAMLError as err:
         raise ConfigError(f"config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if values is None:
         return {}
@@ -127,8 +130,13 @@ def build(cls, *layers: tuple[str, dict[str, Any]]):
         for key, value in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                near = ", ".join(sorted(known))
-                raise ConfigError(f"{source}: unknown field {key!r}; known: {near}")
+                if len(known) <= 40:
+                    hint = f"known: {', '.join(sorted(known))}"
+                else:  # TRL's SFTConfig has hundreds of fields: name the close ones
+                    close = difflib.get_close_matches(name, known, n=4)
+                    hint = f"did you mean {', '.join(close)}?" if close else "see --help for the fields"
+                flag = f"{_flag(name)} (or --{name})" if source == COMMAND_LINE else repr(key)
+                raise ConfigError(f"{source}: unknown field {flag}; {hint}")
             kwargs[name] = coerce(name, hints[name], value, source)
             origin[name] = source
     try:
@@ -137,7 +145,9 @@ def build(cls, *layers: tuple[str, dict[str, Any]]):
         if check is not None:
             check()
     except FieldError as err:
-        where = origin.get(err.field, "default")
+        where = origin.get(err.field)
+        if where is None:  # not given anywhere (a required field, or a default another field rules out)
+            raise ConfigError(f"{_flag(err.field)} {err.message}") from None
         where = f"{where}: {_flag(err.field)}" if where == COMMAND_LINE else f"{where}: field {err.field!r}"
         raise ConfigError(f"{where} {err.message}") from None
     except (TypeError, ValueError) as err:  # a combination the class itself refuses (e.g. TRL's checks)

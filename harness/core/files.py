@@ -25,12 +25,17 @@ def timestamp() -> str:
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file beside it + rename."""
+    """Write ``text`` to ``path`` (UTF-8) through a temp file beside it + rename.
+
+    A lone surrogate (``"\\ud800"`` read from a JSON file) cannot be UTF-8: it is written as the
+    six characters ``\\ud800``, which is the same JSON escape it came from, so a JSON text stays
+    valid JSON that reads back to the same string, and every file written here is valid UTF-8.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8", errors="surrogatepass") as handle:
+        with tmp.open("w", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(text)
         os.replace(tmp, path)
     finally:
@@ -45,6 +50,34 @@ def atomic_write_json(path: str | os.PathLike, value: Any, indent: int | None = 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """One JSON object per line (atomic)."""
     return atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (then nothing can be made below it)."""
+    for parent in path.parents:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
+
+
+def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output folder that is a file, or lies under one, before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file, not a folder")
+    blocker = _file_above(out)
+    if blocker is not None:
+        raise UserError(f"{flag} {out}: {blocker} is a file, not a folder")
+
+
+def check_output_file(out: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output file that is a folder, or lies under a file, before any work is done."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder, not a file")
+    blocker = _file_above(out)
+    if blocker is not None:
+        raise UserError(f"{flag} {out}: {blocker} is a file, not a folder")
 
 
 def check_new_folder(out: str | os.PathLike, overwrite: bool) -> None:
@@ -81,7 +114,9 @@ def read_json(path: str | os.PathLike, error: type[Exception] = FileFormatError)
         raise error(f"{path}: {'is a folder, not a file' if path.is_dir() else 'not found'}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (not UTF-8)") from None
+    except json.JSONDecodeError as err:
         raise error(f"{path}: not valid JSON ({err})") from None
 
 

@@ -365,7 +365,8 @@ def get_preset(name: str, **params) -> DecodingPreset:
     try:
         return build(**params)
     except PresetError as err:
-        raise PresetError(f"preset {name!r}: {err}") from None
+        given = ", ".join(f"{k}={v}" for k, v in params.items())
+        raise PresetError(f"preset {name!r}: {err}" + (f" (given: {given})" if given else "")) from None
 
 
 def parse_spec(spec: str) -> DecodingPreset:
@@ -411,6 +412,9 @@ def _number(text: str, spec: str) -> int | float:
     except ValueError:
         pass
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise PresetError(f"decoding parameter value {text!r} in {spec!r} is not a number") from None
+    if not math.isfinite(value):
+        raise PresetError(f"decoding parameter value {text!r} in {spec!r} is not a finite number")
+    return value

@@ -118,27 +118,97 @@ def is_training_run(path: str) -> bool:
 
 
 def resolve_targets(model: str) -> list[ModelRef]:
-    """One `ModelRef`, or one per candidate when ``model`` is a training-run folder."""
+    """One `ModelRef`, or one per candidate when ``model`` is a training-run folder (each checked
+    by `check_model`)."""
     path = resolve_path(model)
     if is_training_run(path):
         folder = Path(path)
         found = candidates(folder)
         if not found:
             raise ModelError(f"{folder} has no config.json and no checkpoint-*/ or final/ model folders")
+        for _, candidate, _ in found:
+            check_model(str(candidate))
         return [ModelRef(model, str(p), f"{folder.name}-{name}", {"run": str(folder), "name": name, "step": step})
                 for name, p, step in found]
+    check_model(path)
     name = model if model == DEFAULT_MODEL or model_preset(model) is not None else model_name_for(path)
     return [ModelRef(model, path, name)]
 
 
 def resolve_model(model: str) -> str:
-    """One loadable model (``from_pretrained`` path or hub id); a training-run folder is refused."""
+    """One loadable model (``from_pretrained`` path or hub id), checked by `check_model`; a
+    training-run folder is refused."""
     path = resolve_path(model)
     if is_training_run(path):
         names = [name for name, _, _ in candidates(Path(path))]
         hint = f"; pick one of its candidates: {', '.join(names)}" if names else ""
         raise ModelError(f"{path} is not a model folder (no config.json){hint}")
+    check_model(path)
     return path
+
+
+def check_model(path: str) -> None:
+    """Refuse a local model folder that cannot load, before a command loads or writes anything:
+    its config.json (a JSON object), its safetensors files (headers readable, files complete) and,
+    for AutoDeco heads, their base (checked the same way, when local) and head input widths that
+    fit the base's hidden size. Hub ids are left to transformers."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    config = read_config(path)
+    if config.get("model_type") == "autodeco":
+        _check_autodeco(folder, config)
+    elif not any(folder.glob("*.bin")) or (folder / "model.safetensors").exists():
+        _tensor_shapes(folder)
+
+
+def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    from heads.model import CheckpointError, weight_files
+
+    shapes = {}
+    for file in weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types: truncated, not safetensors
+            raise CheckpointError(f"{file}: not a readable safetensors file ({str(err).splitlines()[0][:200]})") from None
+    return shapes
+
+
+def _hidden_size(config: dict) -> int | None:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    size = text.get("hidden_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _check_autodeco(folder: Path, config: dict) -> None:
+    from heads.model import HEAD_PREFIXES, CheckpointError
+
+    shapes = _tensor_shapes(folder)
+    if not any(name.startswith(HEAD_PREFIXES) for name in shapes):
+        raise CheckpointError(f"{folder}: no temp_head.*/top_p_head.* tensors")
+    if any(not name.startswith(HEAD_PREFIXES) for name in shapes):  # merged: the base is here
+        base, hidden = str(folder), _hidden_size(config)
+    else:
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise CheckpointError(f"{folder}/config.json has no `base_model_name_or_path` and no base weights")
+        if not Path(base).is_dir():
+            return  # a hub id: its config comes with the download
+        check_model(base)
+        hidden = _hidden_size(read_config(base))
+    if hidden is None:
+        return
+    extra = 1 + (4 if config.get("use_enhanced_features", True) else 0)
+    for name, width in (("temp_head.mlp.0.weight", hidden), ("top_p_head.mlp.0.weight", hidden + extra)):
+        if name in shapes and shapes[name][-1] != width:
+            raise CheckpointError(
+                f"{folder}: {name} takes inputs of width {shapes[name][-1]}, but the base model {base} "
+                f"(hidden_size {hidden}) needs width {width}: these heads belong to a different base")
 
 
 def read_config(model: str) -> dict:
@@ -152,12 +222,31 @@ def read_config(model: str) -> dict:
         if not isinstance(config, dict):
             raise ModelError(f"{file}: expected a JSON object")
         return config
+    if folder.exists():
+        raise ModelError(f"model {model!r} is a file; give a model folder")
     from transformers import PretrainedConfig  # heavy; only for hub ids
 
     try:
         return PretrainedConfig.get_config_dict(model)[0]
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {model!r}: no config.json found ({err.__class__.__name__})") from err
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else err.__class__.__name__
+        raise ModelError(f"cannot load model {model!r} from the hub: {first}") from None
+
+
+def has_chat_template(model: str) -> bool | None:
+    """Whether a local model folder ships a chat template (None: a hub id, not known without it)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(read_json(config, ModelError).get("chat_template"))
+    except AttributeError:
+        raise ModelError(f"{config}: expected a JSON object") from None
 
 
 def is_autodeco(model: str | dict) -> bool:

@@ -76,7 +76,14 @@ class AutoDecoTrainingConfig(SFTConfig, AutoDecoArguments):
         super().__post_init__()
 
     def check(self) -> None:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
         AutoDecoArguments.check(self)
+        report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        unknown = [name for name in report_to if name not in (*INTEGRATION_TO_CALLBACK, "none", "all")]
+        if unknown:
+            raise FieldError("report_to", f"{unknown[0]!r} is not a logger; known: none, all, "
+                                          f"{', '.join(INTEGRATION_TO_CALLBACK)}")
         for ok, name, message in (
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1"),
@@ -287,7 +294,14 @@ def _plain(value):
 
 
 def build_model(cfg: AutoDecoTrainingConfig):
-    """An AutoDeco model whose base is frozen and whose enabled heads are trainable."""
+    """An AutoDeco model whose base is frozen and whose enabled heads are trainable.
+
+    The seed is set first: fresh heads are initialised from it, so two runs with the same config
+    and seed start from (and, on the same machine, end with) bit-identical heads.
+    """
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     path = resolve_model(cfg.model)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     if is_autodeco(path):
@@ -310,40 +324,92 @@ def build_model(cfg: AutoDecoTrainingConfig):
     return model, path
 
 
-def _resume_target(cfg: AutoDecoTrainingConfig) -> str | bool | None:
+def _resume_target(cfg: AutoDecoTrainingConfig) -> str | None:
+    """The checkpoint folder to resume from (``latest``: the newest ``checkpoint-*`` of output_dir)."""
     if not cfg.resume_from_checkpoint:
         return None
     if cfg.resume_from_checkpoint == "latest":
-        return True
-    if not Path(cfg.resume_from_checkpoint).is_dir():
-        raise ConfigError(f"resume_from_checkpoint: {cfg.resume_from_checkpoint} is not a directory")
-    return cfg.resume_from_checkpoint
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(cfg.output_dir)
+        found = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if found is None:
+            raise ConfigError(f"resume_from_checkpoint latest: no checkpoint-<step>/ folder in {out}")
+        return found
+    path = Path(cfg.resume_from_checkpoint)
+    if not path.is_dir():
+        what = "is a file, not a checkpoint folder" if path.exists() else "does not exist"
+        raise ConfigError(f"resume_from_checkpoint: {path} {what}")
+    return str(path)
+
+
+def _checkpoint_step(checkpoint: str) -> int | None:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json), or None."""
+    state = Path(checkpoint) / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        step = json.loads(state.read_text(encoding="utf-8")).get("global_step")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ConfigError(f"resume_from_checkpoint: {state} is not valid JSON") from None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _planned_steps(trainer: AutoDecoTrainer, cfg: AutoDecoTrainingConfig) -> int | None:
+    """The run's total optimizer steps: max_steps, or what the epochs come to (as the Trainer counts)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    initial = getattr(trainer, "set_initial_training_values", None)
+    if initial is None:
+        return None
+    return int(initial(cfg, trainer.get_train_dataloader())[-1])
 
 
 def train(cfg: AutoDecoTrainingConfig) -> Path:
-    """Train the heads; returns the ``final/`` folder."""
+    """Train the heads; returns the ``final/`` folder.
+
+    Everything the user gave is checked before anything is written to output_dir (train_config.yaml
+    comes right before the first step). Resuming from a checkpoint that already reached the run's
+    last step does nothing and says so (the Trainer would take one more step at learning rate 0).
+    """
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     if not cfg.train_file:
         raise ConfigError("train_file is required (in the config or as --train_file)")
-    rows = read_prompt_completion(cfg.train_file, cfg.max_rows)
-    resume = _resume_target(cfg)
-    model, base_path = build_model(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if not Path(cfg.train_file).is_file():
+        what = "is a folder, not a file" if Path(cfg.train_file).is_dir() else "not found"
+        raise ConfigError(f"train_file {cfg.train_file}: {what}")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
+    rows = read_prompt_completion(cfg.train_file, cfg.max_rows)
+    resume = _resume_target(cfg)
+    created = not out.exists()
+    try:
+        model, base_path = build_model(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        trainer = AutoDecoTrainer(  # (creates output_dir)
+            model=model,
+            args=cfg,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[LogHistoryCallback(out)],
+        )
+        if resume is not None:
+            step, planned = _checkpoint_step(resume), _planned_steps(trainer, cfg)
+            if step is not None and planned is not None and step >= planned:
+                final = out / "final"
+                print(f"nothing to do: {resume} is at step {step} of {planned}, the run is finished "
+                      f"(raise max_steps or num_train_epochs to train on)", flush=True)
+                return final if (final / "config.json").is_file() else Path(resume)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing of a run that never started
+        raise
     atomic_write(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    trainer = AutoDecoTrainer(
-        model=model,
-        args=cfg,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        callbacks=[LogHistoryCallback(out)],
-    )
     _start_wandb(cfg)
     try:
         trainer.train(resume_from_checkpoint=resume)
