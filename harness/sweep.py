@@ -113,6 +113,9 @@ def fold_of(doc_id: str, folds: int) -> int:
 def cross_validate(points: list[dict], folds: int = CV_FOLDS) -> dict:
     """The k-fold static baseline over evaluated grid points (see the module docstring)."""
     docs = sorted(points[0]["per_doc"])
+    if len(docs) < 2:
+        return {"folds": 0, "choices": [], "pass@1": None, "ci_low": None, "ci_high": None, "n_problems": len(docs),
+                "per_doc": {}, "note": "needs at least 2 problems"}
     folds = max(2, min(folds, len(docs)))
     fold = {doc: fold_of(doc, folds) for doc in docs}
     chosen, per_doc = [], {}
@@ -125,7 +128,7 @@ def cross_validate(points: list[dict], folds: int = CV_FOLDS) -> dict:
         chosen.append({"fold": f, "temperature": best["temperature"], "top_p": best["top_p"],
                        "n_problems": len(held_out)})
         per_doc.update({d: best["per_doc"][d] for d in held_out})
-    estimate = pass1_estimate({d: [per_doc[d]] for d in per_doc})
+    estimate = pass1_estimate(per_doc)  # per-problem accuracies (floats)
     return {"folds": folds, "choices": chosen, "pass@1": estimate.mean, "ci_low": estimate.ci_low,
             "ci_high": estimate.ci_high, "n_problems": estimate.n, "per_doc": per_doc}
 
@@ -145,7 +148,7 @@ def sweep(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: li
         best = max(top_p_grid or [r for r in temperature_grid if r["temperature"] == best_t],
                    key=lambda r: r["pass@1"])  # ties: the lowest P
         points = temperature_grid + top_p_grid
-        oracle = pass1_estimate({d: [a] for d, a in best["per_doc"].items()})
+        oracle = pass1_estimate(best["per_doc"])
         summary = {
             "task": task.name, "model_name": spec.model_name, "model": spec.model, "group": group,
             "seeds": list(spec.seeds), "samples": spec.samples, "limit": spec.limit,

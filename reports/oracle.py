@@ -58,7 +58,7 @@ def report_oracle(runs: list[Run], sweeps: list[Sweep], out: Path, model_map: di
         oracle = sweep.best_pass1 * SCALE
         gap = None if autodeco is None else autodeco - oracle
         cv = sweep.cross_validated
-        cv_cell = None if not cv else Interval(cv["pass@1"] * SCALE, None, cv["ci_low"] * SCALE,
+        cv_cell = None if not cv or cv.get("pass@1") is None else Interval(cv["pass@1"] * SCALE, None, cv["ci_low"] * SCALE,
                                                cv["ci_high"] * SCALE, cv.get("n_problems"))
         choices = "" if not cv else "; ".join(
             "greedy" if c["temperature"] == 0 else f"T={c['temperature']:g},P={c['top_p']:g}"

@@ -83,7 +83,7 @@ def add_oracle(cells: dict, sweeps: list[Sweep]) -> None:
             sweep.best_pass1 * SCALE, None if std is None else std * SCALE,
             *((sweep.best_ci_low * SCALE, sweep.best_ci_high * SCALE) if sweep.best_ci_low is not None else (None, None)),
             n)
-        if cv:
+        if cv and cv.get("pass@1") is not None:
             cells.setdefault((sweep.model_name, "static (CV)"), {})[sweep.task] = Interval(
                 cv["pass@1"] * SCALE, None, cv["ci_low"] * SCALE, cv["ci_high"] * SCALE, n)
 

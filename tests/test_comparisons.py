@@ -66,8 +66,8 @@ def test_cross_validation_scores_each_fold_with_the_others_best():
     docs = [f"d{i}" for i in range(40)]
     folds = {d: fold_of(d, 5) for d in docs}
     # point A is better on folds 0-3, B on fold 4: fold 4 is scored with A (best on the others)
-    a = {"temperature": 0.5, "top_p": 1.0, "per_doc": {d: (1.0 if folds[d] < 4 else 0.0) for d in docs}}
-    b = {"temperature": 1.0, "top_p": 1.0, "per_doc": {d: (0.0 if folds[d] < 4 else 1.0) for d in docs}}
+    a = {"temperature": 0.5, "top_p": 1.0, "per_doc": {d: (0.75 if folds[d] < 4 else 0.25) for d in docs}}
+    b = {"temperature": 1.0, "top_p": 1.0, "per_doc": {d: (0.25 if folds[d] < 4 else 0.5) for d in docs}}
     cv = cross_validate([a, b], folds=5)
     assert cv["folds"] == 5 and cv["n_problems"] == 40
     assert all(c["temperature"] == 0.5 for c in cv["choices"])  # A wins every training split
@@ -75,7 +75,9 @@ def test_cross_validation_scores_each_fold_with_the_others_best():
     want = np.array(list(a["per_doc"].values()))
     assert cv["pass@1"] == pytest.approx(want.mean())
     low, _ = scipy_stats.t.interval(0.95, 39, loc=want.mean(), scale=scipy_stats.sem(want))
-    assert cv["ci_low"] == pytest.approx(low)
+    assert cv["ci_low"] == pytest.approx(low)  # fractional accuracies are kept as they are
+    one = cross_validate([{"temperature": 0.5, "top_p": 1.0, "per_doc": {"only": 0.5}}])
+    assert one["pass@1"] is None and one["note"] == "needs at least 2 problems"
 
 
 @pytest.mark.slow

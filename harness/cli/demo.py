@@ -211,7 +211,7 @@ def headline(out: Path) -> list[str]:
         line(label, cell, size)
     for sweep in sweeps:
         cv = sweep.cross_validated
-        if cv:
+        if cv and cv.get("pass@1") is not None:
             line("static (CV)", Interval(100 * cv["pass@1"], None, 100 * cv["ci_low"], 100 * cv["ci_high"],
                                          cv["n_problems"]), "  (grid tuned on held-out folds)")
         best = "greedy" if sweep.best_temperature == 0 else f"T={sweep.best_temperature:g}, P={sweep.best_top_p:g}"
