@@ -357,7 +357,7 @@
     const verdict = s.correct == null ? "" : s.correct ? "correct" : "wrong";
     const card = el("div", { class: `sample ${verdict}`, "data-method": method, "data-seed": s.seed, "data-index": s.index },
       el("div", { class: "head" },
-        el("span", { class: `badge ${s.correct ? "ok" : "bad"}`, text: s.correct == null ? "ungraded" : s.correct ? "✓ correct" : "✗ wrong" }),
+        el("span", { class: `badge ${s.correct == null ? "" : s.correct ? "ok" : "bad"}`, text: s.correct == null ? "ungraded" : s.correct ? "✓ correct" : "✗ wrong" }),
         el("span", { text: `seed ${s.seed} · sample ${s.index}` }),
         el("span", { text: `answer: ${s.extracted ?? "none"}${problem.target != null ? ` (target ${problem.target})` : ""}` }),
         el("span", { text: `${s.n_tokens ?? "?"} tokens · ${s.finish ?? "?"}` })),
