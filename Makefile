@@ -18,6 +18,10 @@ setup: $(STAMP)
 	  || echo "note: bubblewrap (bwrap) not installed; the code sandbox falls back to rlimits + a blocked network (see tasks/sandbox.py)")
 	@$(BIN)/autodeco model prepare
 	@$(BIN)/autodeco tasks prepare
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 \
+	      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1)) \
+	  || echo "note: chromium not installed; the results viewer's browser tests (tests/test_viewer.py) skip")
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.backends import Backend, Request
+from harness.backends import Backend, Request, token_texts
 from harness.core.errors import UserError
 from harness.core.files import atomic_write, timestamp
 from harness.decoding import DecodingPreset
@@ -37,7 +37,7 @@ from harness.store import SampleKey, SampleStore
 
 SETTINGS_FILE = "run_settings.json"
 STORE_FILE = "sample_store.jsonl"
-TRACE_POINTS = 256  # a compact trace keeps at most this many (T, P) points per sample
+TRACE_POINTS = 256  # a compact trace keeps at most this many (T, P, token text) points per sample
 DEFAULT_MAX_TOKENS = 2048
 CHUNK_SAMPLES = 512  # samples per backend.generate call: engines batch inside a call, the store fills between
 
@@ -190,7 +190,7 @@ def generate_into_store(backend: Backend, requests: list[Request], spec: RunSpec
               dynamic_ncols=True) as bar:
         for completion in _generate_in_chunks(backend, requests):
             item = items_by_key[completion.key]
-            store.append(_record(spec, item, completion))
+            store.append(_record(spec, item, completion, backend.tokenizer))
             stats["generated"] += 1
             stats["tokens"] += completion.n_tokens
             elapsed = time.perf_counter() - start
@@ -214,7 +214,7 @@ def _generate_in_chunks(backend: Backend, requests: list[Request], chunk: int = 
         yield from backend.generate(batch)
 
 
-def _record(spec: RunSpec, item: Planned, completion) -> dict:
+def _record(spec: RunSpec, item: Planned, completion, tokenizer=None) -> dict:
     record = dict(sample_key(spec, item, completion.seed, completion.sample_index)._asdict())
     record.update(prompt_hash=item.prompt_hash, max_tokens=item.max_tokens, response=completion.text,
                   n_tokens=completion.n_tokens, finish_reason=completion.finish_reason)
@@ -224,13 +224,22 @@ def _record(spec: RunSpec, item: Planned, completion) -> dict:
     if completion.top_ps:
         record["top_p_mean"] = sum(completion.top_ps) / len(completion.top_ps)
         record.setdefault("trace", {})["P"] = compact(completion.top_ps)
+    traced = completion.temperatures or completion.top_ps
+    if traced and completion.token_ids and tokenizer is not None:  # the text under each trace point
+        stride = trace_stride(len(traced))
+        record["trace"].update(stride=stride, tokens=token_texts(tokenizer, completion.token_ids[:len(traced)], stride))
     return record
 
 
+def trace_stride(n_values: int, points: int = TRACE_POINTS) -> int:
+    """How many consecutive tokens one compact trace point stands for."""
+    return max(1, -(-n_values // points))
+
+
 def compact(values: list[float], points: int = TRACE_POINTS) -> list[float]:
-    """At most ``points`` values, evenly strided (first kept), rounded to 3 decimals."""
-    stride = max(1, -(-len(values) // points))
-    return [round(v, 3) for v in values[::stride]]
+    """At most ``points`` values: the mean of each run of ``trace_stride`` tokens, rounded to 3 decimals."""
+    stride = trace_stride(len(values), points)
+    return [round(sum(run) / len(run), 3) for run in (values[i : i + stride] for i in range(0, len(values), stride))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +263,12 @@ def grade_and_summarize(items: list[Planned], spec: RunSpec, store: SampleStore)
                     records.append((item, record))
                     pairs.append((item.doc, record["response"]))
         verdicts = task.grade_many(pairs)
-        rows = [_sample_row(record, verdict) for (_, record), verdict in zip(records, verdicts, strict=True)]
+        rows, seen = [], set()
+        for (item, record), verdict in zip(records, verdicts, strict=True):
+            rows.append(_sample_row(record, verdict))
+            if item.doc_id not in seen:  # the doc's prompt and reference answer, on its first row only
+                seen.add(item.doc_id)
+                rows[-1].update(prompt=item.prompt, target=_target(task, item.doc))
         metrics = task_metrics(task, rows, verdicts)
         metrics["mean_tokens"] = sum(r["n_tokens"] for r in rows) / len(rows)
         for field_name in ("temperature_mean", "top_p_mean"):
@@ -277,6 +291,11 @@ def _sample_row(record: dict, verdict) -> dict:
             row[name] = record[name]
     return row
 
+
+def _target(task, doc: dict) -> str | None:
+    """The doc's reference answer as the task's lm-eval YAML names it (``doc_to_target``), if a field."""
+    key = (getattr(task, "config", None) or {}).get("doc_to_target")
+    return str(doc[key]) if isinstance(key, str) and doc.get(key) is not None else None
 
 
 def git_hash() -> str | None:

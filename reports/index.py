@@ -18,6 +18,7 @@ from reports.runs import Run, Sweep, find_runs, find_sweeps
 from reports.steering import find_steering, report_steering
 from reports.traces import report_traces
 from reports.training import report_training
+from reports.viewer import write_viewer
 
 
 @dataclass
@@ -151,6 +152,14 @@ def _compare(i: Inputs, o: Path, opt: Options) -> list[Path]:
     return report_compare([r for r in i.runs if not r.sweep], o)
 
 
+@report("viewer", "Results viewer: every sample, token by token",
+        "viewer.html: every sample's text and verdict, AutoDeco tokens coloured by T/P, two methods side "
+        "by side, Pass@1 with 95% CIs (open in a browser; `autodeco view` has the options)")
+def _viewer(i: Inputs, o: Path, opt: Options) -> list[Path]:
+    return write_viewer([r for r in i.eval_runs if not r.sweep], Path(o) / "viewer.html", opt.tasks,
+                        sources=[str(d) for d in i.dirs])
+
+
 def run_all(inputs: Inputs, out: Path, options: Options, kinds: list[str] | None = None,
             log: Callable[[str], None] = print) -> dict[str, list[Path] | str]:
     """Every report kind that has inputs; a kind without inputs records why it was skipped."""
@@ -181,6 +190,8 @@ def write_index(out: Path, done: dict[str, list[Path] | str], header: str = "") 
             if path.suffix == ".md":
                 stem = rel.with_suffix("")
                 lines.append(f"- table [{stem}]({rel}) ([LaTeX]({stem}.tex), [CSV]({stem}.csv))")
+            elif path.suffix == ".html":
+                lines.append(f"- page [{rel}]({rel}) (self-contained HTML: open it in a browser)")
             elif path.suffix == ".png":
                 lines += [f"- figure [{rel.stem}]({rel}) ([PDF]({rel.with_suffix('.pdf')}))", "",
                           f"  ![{rel.stem}]({rel})"]

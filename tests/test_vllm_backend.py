@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.backends.base import Request
+from harness.backends.base import Request, token_texts
 from harness.decoding import get_preset
 
 PROMPT = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
@@ -128,6 +128,9 @@ def test_trace_matches_hf_heads(backend, reference):
     assert completion.temperatures[0] == pytest.approx(reference["temperature"], abs=1e-4)
     assert completion.top_ps[0] == pytest.approx(reference["top_p"], abs=1e-4)
     assert all(0 < t < 2 for t in completion.temperatures) and all(0 < p < 1 for p in completion.top_ps)
+    # The generated ids come back too; their per-token texts rebuild vLLM's own detokenized text.
+    assert len(completion.token_ids) == completion.n_tokens
+    assert "".join(token_texts(backend.tokenizer, completion.token_ids)) == completion.text
 
 
 @pytest.mark.slow

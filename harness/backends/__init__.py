@@ -11,10 +11,10 @@ import importlib
 import json
 import sys
 
-from harness.backends.base import Backend, BackendError, Completion, Request, sample_seed
+from harness.backends.base import Backend, BackendError, Completion, Request, sample_seed, token_texts
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "Completion", "Request", "check_backend", "get_backend",
-           "loaded_in_turn", "parse_options", "sample_seed"]
+           "loaded_in_turn", "parse_options", "sample_seed", "token_texts"]
 
 # name -> "module:Class"
 BACKENDS: dict[str, str] = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from harness.core.errors import UserError
@@ -48,11 +48,39 @@ class Completion:
     temperatures: list[float] | None = None  # AutoDeco: predicted T per generated token
     top_ps: list[float] | None = None  # AutoDeco: predicted P per generated token
     seed: int = 0
+    token_ids: list[int] | None = None  # the n_tokens generated token ids (EOS included when counted)
 
 
 def sample_seed(seed: int, key: str, sample_index: int) -> int:
     """A 63-bit RNG seed for one sample, independent of batching and of other samples."""
     return stable_seed(seed, key, sample_index)
+
+
+def token_texts(tokenizer, ids: Sequence[int], stride: int = 1) -> list[str]:
+    """The text of each run of ``stride`` consecutive generated tokens (the last run may be shorter).
+
+    Decoded as the whole generation is (special tokens skipped, so EOS is ``""``): the pieces
+    concatenate to ``tokenizer.decode(ids, skip_special_tokens=True)``. Incremental — each run is
+    decoded after the previous run as context (SentencePiece drops a leading space without it), and
+    a run ending inside a multi-byte character gets ``""`` while the next run takes the character.
+    A tokenizer whose decoding is not incremental falls back to decoding growing prefixes.
+    """
+    ids = list(ids)
+    decode = lambda part: tokenizer.decode(part, skip_special_tokens=True)  # noqa: E731
+    ends = list(range(stride, len(ids), stride)) + [len(ids)] if ids else []
+    pieces, start, read = [], 0, 0  # ids[start:read] = the context (the last run already emitted)
+    for end in ends:
+        before, after = decode(ids[start:read]), decode(ids[start:end])
+        if end < len(ids) and after.endswith("\ufffd"):  # inside a character: wait for its other bytes
+            pieces.append("")
+            continue
+        pieces.append(after[len(before):] if after.startswith(before) else after)
+        start, read = read, end
+    full = decode(ids)
+    if "".join(pieces) == full:
+        return pieces
+    texts = [decode(ids[:end]) for end in ends]
+    return [text[len(prev):] if text.startswith(prev) else text for prev, text in zip(["", *texts[:-1]], texts, strict=True)]
 
 
 class Backend:

@@ -146,7 +146,8 @@ class HFBackend(Backend):
         top_ps = recorder.rows(recorder.top_ps, rows) if recorder else None
         for row, index in enumerate(indices):
             r = row if preset.do_sample else 0
-            text, n_tokens, reason = self._finish(generated[r].tolist(), request.stop, request.max_tokens)
+            tokens = generated[r].tolist()
+            text, n_tokens, reason = self._finish(tokens, request.stop, request.max_tokens)
             yield Completion(
                 key=request.key,
                 sample_index=index,
@@ -156,6 +157,7 @@ class HFBackend(Backend):
                 temperatures=temps[r, :n_tokens].tolist() if temps is not None else None,
                 top_ps=top_ps[r, :n_tokens].tolist() if top_ps is not None else None,
                 seed=request.seed,
+                token_ids=tokens[:n_tokens],
             )
 
     def _finish(self, tokens: list[int], stop: tuple[str, ...], max_tokens: int) -> tuple[str, int, str]:

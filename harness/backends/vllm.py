@@ -312,6 +312,7 @@ class VLLMBackend(Backend):
                 temperatures=_clip(temps, n_tokens),
                 top_ps=_clip(top_ps, n_tokens),
                 seed=request.seed,
+                token_ids=list(sample.token_ids),
             )
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "harness.cli.eval",    # eval, sweep
     "harness.cli.steer",   # steer (T/P by natural-language commands)
     "harness.cli.report",  # report <kind>
+    "harness.cli.view",    # view (every sample, token by token, in HTML)
     "harness.cli.demo",    # demo
     "harness.cli.bench",   # bench <name>
 )

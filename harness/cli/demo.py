@@ -248,7 +248,9 @@ def run_demo(cfg: DemoConfig) -> int:
         tqdm.write(f"=== {title}: {timings[title]:.0f} s")
     total = time.time() - start
     atomic_write_json(out / "demo_timings.json", {"steps_s": timings, "total_s": total}, indent=1)
-    print(f"\nDemo finished in {total / 60:.1f} min. Open {out / 'reports' / 'index.md'}")
+    viewer = out / "reports" / "viewer.html"
+    print(f"\nDemo finished in {total / 60:.1f} min. Open {out / 'reports' / 'index.md'}"
+          + (f" and, in a browser, {viewer}" if viewer.exists() else ""))
     print(f"Headline (held-out {IN_DOMAIN}, SmolLM2-135M-Instruct, measured):")
     print("\n".join(headline(out)) or "  (no in-domain results found)")
     return 0
