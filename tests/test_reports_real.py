@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,9 @@ def real_runs(tmp_path_factory, smollm2_path) -> dict:
 
 
 def read_csv(path: Path) -> list[dict]:
+    """Rows of a table's CSV; task columns lose their "(problems×samples)" header suffix."""
     with open(path) as fh:
-        return list(csv.DictReader(fh))
+        return [{re.sub(r" \([0-9×/]+\)", "", k): v for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def assert_figure(path: Path) -> None:
@@ -88,7 +90,8 @@ def test_pass1_cells_equal_recomputation_from_samples(real_runs, tmp_path):
     assert float(rows[("smollm2", "oracle")]["arith"]) == pytest.approx(100 * sweep.best_pass1)
     best = max(round(float(r["arith"]), 2) for r in rows.values())
     marked = {k for k, r in rows.items() if "arith" in r["best_columns"].split(";")}
-    assert marked == {k for k, r in rows.items() if round(float(r["arith"]), 2) == best}
+    anecdotal = all(r["arith_n"] and int(float(r["arith_n"])) < 10 for r in rows.values() if r["Method"] != "oracle")
+    assert marked == (set() if anecdotal else {k for k, r in rows.items() if round(float(r["arith"]), 2) == best})
     assert "\\toprule" in (tmp_path / "pass1.tex").read_text()
 
 
@@ -113,8 +116,9 @@ def test_oracle_figure_and_gap(real_runs, tmp_path):
     row = read_csv(tmp_path / "oracle.csv")[0]
     sweep = find_sweeps([real_runs["runs"]])[0]
     summary = json.loads(sweep.path.read_text())
-    assert float(row["Oracle"]) == pytest.approx(100 * summary["best_pass@1"])
-    assert float(row["best T"]) == summary["best_temperature"] and float(row["best P"]) == summary["best_top_p"]
+    assert float(row["Oracle (test-tuned)"]) == pytest.approx(100 * summary["best_pass@1"])
+    best_t = 0.0 if row["best T"] == "greedy" else float(row["best T"])
+    assert best_t == summary["best_temperature"] and float(row["best P"]) == summary["best_top_p"]
     autodeco_run = [r for r in find_runs([real_runs["runs"]]) if r.label == "autodeco"][-1]
     mean, _, _ = pass1_from_samples(read_samples(autodeco_run.tasks["arith"].samples_path))
     assert float(row["AutoDeco − Oracle"]) == pytest.approx(100 * mean - 100 * summary["best_pass@1"])
@@ -145,7 +149,7 @@ def test_ablation_traces_compare_and_index(real_runs, tmp_path):
         run = [r for r in find_runs([real_runs["candidates"]]) if r.model_name.endswith(candidate["Candidate"])][0]
         mean, _, _ = pass1_from_samples(read_samples(run.tasks["arith"].samples_path))
         assert float(candidate["arith"]) == pytest.approx(100 * mean)
-    assert any("arith" in c["best_columns"] for c in candidates)
+    assert not any("arith" in c["best_columns"] for c in candidates)  # fewer than 10 problems: never bold
     log = [json.loads(line) for line in (real_runs["train"] / "log_history.jsonl").read_text().splitlines()]
     curves = read_csv(tmp_path / "training_log.csv")
     assert [int(r["step"]) for r in curves] == [r["step"] for r in log] == [1]
