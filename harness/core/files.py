@@ -25,10 +25,11 @@ def timestamp() -> str:
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file beside it + rename."""
+    """Write ``text`` to ``path`` through a temp file beside it + rename (the temp name carries the
+    pid, so processes writing the same file at once never share a temp file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8", errors="surrogatepass") as handle:
             handle.write(text)
