@@ -6,6 +6,12 @@ upper bound" for static decoding. One backend (one engine load) serves the whole
 grid point is a normal ``evaluate`` call, so it reuses the sample store (a killed sweep resumes,
 and (T*, 1.0) is not generated twice) and writes its own results file. The summary goes to
 ``<out>/<model_name>/sweep_summary_<task>.json``.
+
+Sharded (``spec.shard``, ``sweep_shard``): a shard cannot pick T* from its part of the problems,
+so a sharded sweep runs in two rounds — every shard generates its units of the temperature grid;
+then, given the best temperature per task (``best_temperature`` on the gathered temperature grid,
+`autodeco sweep --best-from`), the top-p grid. `autodeco gather` then replays ``sweep`` on the
+merged stores and writes the same files as an unsharded sweep.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 
 from harness.core.files import atomic_write
 from harness.decoding import get_preset
-from harness.runner import RunSpec, evaluate
+from harness.runner import RunSpec, evaluate, generate_shard
 
 
 def parse_grid(text: str, name: str = "grid") -> list[float]:
@@ -64,18 +70,25 @@ def _run_point(backend, task, spec: RunSpec, out, group: str, temperature: float
             "results_file": path.name}
 
 
+def best_temperature(backend, task, spec: RunSpec, out: str | Path, temperatures: list[float], *, group: str,
+                     tracker_factory: Callable | None = None, progress: bool = True,
+                     log: Callable[[str], None] = print) -> tuple[list[dict], float]:
+    """Stage 1 for one task: the temperature grid at top_p = 1 (one results file per point); return
+    its rows and the best temperature (ties: the lowest T)."""
+    grid = [_run_point(backend, task, spec, out, group, t, 1.0, tracker_factory, progress, log) for t in temperatures]
+    return grid, max(grid, key=lambda r: r["pass@1"])["temperature"]
+
+
 def sweep(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: list[float], top_ps: list[float], *,
           group: str, tracker_factory: Callable | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> list[Path]:
     """Run the two-stage grid per task; return the sweep summary paths."""
     summaries = []
     for task in tasks:
-        def run(temperature: float, top_p: float, task=task) -> dict:
-            return _run_point(backend, task, spec, out, group, temperature, top_p, tracker_factory, progress, log)
-
-        temperature_grid = [run(t, 1.0) for t in temperatures]
-        best_t = max(temperature_grid, key=lambda r: r["pass@1"])["temperature"]  # ties: the lowest T
-        top_p_grid = [run(best_t, p) for p in top_ps]
+        temperature_grid, best_t = best_temperature(backend, task, spec, out, temperatures, group=group,
+                                                    tracker_factory=tracker_factory, progress=progress, log=log)
+        top_p_grid = [_run_point(backend, task, spec, out, group, best_t, p, tracker_factory, progress, log)
+                      for p in top_ps]
         best = max(top_p_grid, key=lambda r: r["pass@1"])  # ties: the lowest P
         summary = {
             "task": task.name, "model_name": spec.model_name, "model": spec.model, "group": group,
@@ -89,3 +102,22 @@ def sweep(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: li
         log(f"sweep {task.name}: best T={best_t}, best P={best['top_p']}, pass@1={best['pass@1']:.4f} → {path}")
         summaries.append(path)
     return summaries
+
+
+def sweep_shard(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: list[float], top_ps: list[float],
+                *, group: str, best_temperatures: dict[str, float] | None = None, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict:
+    """A shard's part of the sweep: its units of the temperature grid, and — once the best
+    temperature of each task is known (``best_temperatures``) — of the top-p grid. Generation only;
+    return the totals."""
+    totals = {"generated": 0, "tokens": 0, "seconds": 0.0}
+    for task in tasks:
+        points = [(t, 1.0) for t in temperatures]
+        if best_temperatures is not None:
+            points += [(best_temperatures[task.name], p) for p in top_ps]
+        for temperature, top_p in points:
+            stats = generate_shard(backend, [task], _point(spec, group, temperature, top_p), out,
+                                   progress=progress, log=log)
+            for key in totals:
+                totals[key] += stats[key]
+    return totals
