@@ -322,12 +322,13 @@ def _resume_target(cfg: AutoDecoTrainingConfig) -> str | bool | None:
 def train(cfg: AutoDecoTrainingConfig) -> Path:
     """Train the heads; returns the ``final/`` folder."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     if not cfg.train_file:
         raise ConfigError("train_file is required (in the config or as --train_file)")
     rows = read_prompt_completion(cfg.train_file, cfg.max_rows)
     resume = _resume_target(cfg)
+    set_seed(cfg.seed)  # fresh heads start from the same weights in every run and on every rank
     model, base_path = build_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
