@@ -12,7 +12,7 @@ One writer per store: `writer_lock(path)` holds an exclusive ``fcntl.flock`` on
 runs; a second process asking for it gets `StoreLockedError` at once, naming the holder. The
 lock is re-entrant within a process (a sweep reopens the store per grid point) and is released
 by the kernel when its process dies, even by SIGKILL. On NFS, Linux maps flock onto NFS byte-range
-locks, so shards on several machines sharing one folder are covered too.
+locks, so processes on several machines sharing one folder should be covered too (not tested here).
 """
 
 from __future__ import annotations
