@@ -94,18 +94,20 @@ def cmd_gather(args) -> int:
     return 0
 
 
-def _stored(_backend: str, path: str, **_options):
+def _stored(backend_name: str, path: str, **engine_options):
+    """In place of `get_backend`: the recorded backend's name and options are not needed, no engine is."""
     from harness.backends.stored import StoredBackend
 
     return StoredBackend(path)
 
 
-def _stored_in_turn(paths: list[str], _backend: str, _options: dict):
-    """Engine-free backends for each model path (one tokenizer while checkpoints share a base)."""
+def _stored_in_turn(paths: list[str], backend_name: str, engine_options: dict):
+    """In place of `loaded_in_turn`: an engine-free backend per model path (one tokenizer while
+    checkpoints share a base)."""
     backend = None
     for path in paths:
         if backend is None or not backend.load_heads(path):
-            backend = _stored(_backend, path)
+            backend = _stored(backend_name, path)
         yield backend
 
 
