@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 
 
 class DataParallelLLM:
@@ -39,6 +40,8 @@ class DataParallelLLM:
         except BaseException:
             self._loop.close()
             raise
+        self.replicas = len(getattr(self.engine.engine_core, "core_engines", ()))  # the client's engine cores
+        print(f"autodeco vllm backend: data parallelism over {self.replicas} engine replicas", file=sys.stderr)
 
     def get_tokenizer(self):
         return self.engine.get_tokenizer()
