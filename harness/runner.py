@@ -13,18 +13,24 @@ One call of ``evaluate`` is one results file:
 
 The output folder remembers what produced its samples (``run_settings.json``); a run with other
 settings (model, backend) is refused, as is a stored sample made from another prompt or token
-budget.
+budget. One process writes a store at a time (``harness.store.writer_lock``).
+
+A sharded run (``spec.shard``, harness/shards.py) plans every doc but keeps only its own
+(task, doc, seed) units, and ``generate_shard`` writes them to the shard's own store
+(``sample_store.shard-I-of-N.jsonl``) without grading; `autodeco gather` merges the shards and
+writes the results of the whole run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +39,11 @@ from harness.core.errors import UserError
 from harness.core.files import atomic_write, timestamp
 from harness.decoding import DecodingPreset
 from harness.results import task_metrics, verdict_fields, write_samples
-from harness.store import SampleKey, SampleStore
+from harness.shards import Shard
+from harness.store import SampleKey, SampleStore, writer_lock
 
 SETTINGS_FILE = "run_settings.json"
-STORE_FILE = "sample_store.jsonl"
+STORE_FILE = "sample_store.jsonl"  # a shard's store: sample_store.shard-I-of-N.jsonl (``store_file``)
 TRACE_POINTS = 256  # a compact trace keeps at most this many (T, P, token text) points per sample
 DEFAULT_MAX_TOKENS = 2048
 CHUNK_SAMPLES = 512  # samples per backend.generate call: engines batch inside a call, the store fills between
@@ -60,6 +67,7 @@ class RunSpec:
     candidate: dict | None = None  # training-run candidate: {"run", "name", "step"}
     sweep: dict | None = None  # {"group", "temperature", "top_p"} for sweep grid points
     base: str | None = None  # the base a heads-only AutoDeco folder was loaded on, when overridden (--base)
+    shard: Shard | None = None  # this process's part of the (task, doc, seed) units; None = all
 
     def check(self) -> None:
         if self.preset.name == "recommended" and not self.preset.params:
@@ -104,26 +112,32 @@ def plan(tasks: list, tokenizer, spec: RunSpec) -> list[Planned]:
     return out
 
 
+def units(items: list[Planned], spec: RunSpec) -> list[tuple[Planned, int]]:
+    """The (doc, seed) units this run generates, in the fixed order seed, task, doc; a shard keeps
+    every N-th of them (``Shard.take``)."""
+    everything = [(item, seed) for seed in spec.seeds for item in items]
+    return everything if spec.shard is None else spec.shard.take(everything)
+
+
 def sample_key(spec: RunSpec, item: Planned, seed: int, index: int) -> SampleKey:
     return SampleKey(spec.model_name, item.task.name, item.doc_id, spec.preset.key, seed, index)
 
 
 def build_requests(items: list[Planned], spec: RunSpec, store: SampleStore | None = None) -> list[Request]:
-    """One request per (doc, seed) holding the samples the store lacks."""
+    """One request per (doc, seed) unit of this run holding the samples the store lacks."""
     requests = []
-    for seed in spec.seeds:
-        for item in items:
-            keys = [sample_key(spec, item, seed, i) for i in range(spec.samples)]
-            missing = keys if store is None else store.missing(keys)
-            if store is not None:
-                for key in keys:
-                    _check_stored(store.get(key), item, key)
-            if missing:
-                requests.append(Request(
-                    key=f"{item.task.name}/{item.doc_id}", prompt=item.prompt, preset=spec.preset, seed=seed,
-                    n=spec.samples, max_tokens=item.max_tokens, stop=item.stop,
-                    sample_indices=tuple(k.sample_index for k in missing),
-                ))
+    for item, seed in units(items, spec):
+        keys = [sample_key(spec, item, seed, i) for i in range(spec.samples)]
+        missing = keys if store is None else store.missing(keys)
+        if store is not None:
+            for key in keys:
+                _check_stored(store.get(key), item, key)
+        if missing:
+            requests.append(Request(
+                key=f"{item.task.name}/{item.doc_id}", prompt=item.prompt, preset=spec.preset, seed=seed,
+                n=spec.samples, max_tokens=item.max_tokens, stop=item.stop,
+                sample_indices=tuple(k.sample_index for k in missing),
+            ))
     return requests
 
 
@@ -164,13 +178,25 @@ def check_output(out: str | os.PathLike, spec: RunSpec) -> Path:
     return folder
 
 
-def open_output(out: str | os.PathLike, spec: RunSpec) -> tuple[Path, SampleStore]:
-    """Create/validate ``<out>/<model_name>/`` and open its sample store."""
+def store_file(shard: Shard | None) -> str:
+    """``sample_store.jsonl``, or ``sample_store.shard-I-of-N.jsonl`` for a shard."""
+    return STORE_FILE if shard is None else f"sample_store.{shard.tag}.jsonl"
+
+
+def store_path(out: str | os.PathLike, spec: RunSpec) -> Path:
+    return Path(out) / spec.model_name / store_file(spec.shard)
+
+
+@contextlib.contextmanager
+def open_output(out: str | os.PathLike, spec: RunSpec) -> Iterator[tuple[Path, SampleStore]]:
+    """Validate/create ``<out>/<model_name>/`` and open its (or this shard's) sample store, holding
+    the store's writer lock for the ``with`` block: a second process gets a one-line error."""
     folder = check_output(out, spec)
-    if not (folder / SETTINGS_FILE).exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / SETTINGS_FILE, json.dumps(_settings(spec), indent=2) + "\n")
-    return folder, SampleStore(folder / STORE_FILE)
+    with writer_lock(folder / store_file(spec.shard)):
+        if not (folder / SETTINGS_FILE).exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / SETTINGS_FILE, json.dumps(_settings(spec), indent=2) + "\n")
+        yield folder, SampleStore(folder / store_file(spec.shard))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,27 +372,55 @@ def _jsonable(value):
 # ---------------------------------------------------------------------------------------------
 # The whole run
 
-def evaluate(backend: Backend, tasks: list, spec: RunSpec, out: str | os.PathLike, *,
-             tracker_factory: Callable[[Path, dict], object] | None = None, progress: bool = True,
-             log: Callable[[str], None] = print) -> Path:
-    """Run ``spec`` on ``tasks`` with a loaded ``backend``; return the results file path."""
+def _plan(backend: Backend, tasks: list, spec: RunSpec, out: str | os.PathLike) -> list[Planned]:
+    """Check the run and plan its items; nothing is written yet."""
     spec.check()
     backend.check_preset(spec.preset)
-    start = time.perf_counter()
     check_output(Path(out), spec)
     items = plan(tasks, backend.tokenizer, spec)
     if not items:
         raise RunError("no documents to evaluate (empty task or --limit)")
-    folder, store = open_output(Path(out), spec)  # the first write: after everything is checked
+    return items
+
+
+def _generate(backend: Backend, items: list[Planned], spec: RunSpec, store: SampleStore, progress: bool,
+              log: Callable[[str], None]) -> dict:
+    """Generate what the store lacks of this run's units."""
     requests = build_requests(items, spec, store)
-    total = len(items) * len(spec.seeds) * spec.samples
+    total = len(units(items, spec)) * spec.samples
     todo = sum(len(r.indices) for r in requests)
     if todo < total:
         log(f"{total - todo} of {total} samples already in {store.path}; generating the other {todo}")
     items_by_key = {f"{i.task.name}/{i.doc_id}": i for i in items}
-    stats = generate_into_store(backend, requests, spec, store, items_by_key, progress=progress)
-    results, rows_by_task = grade_and_summarize(items, spec, store)
-    path = write_outputs(folder, spec, tasks, results, rows_by_task, time.perf_counter() - start, stats)
+    return generate_into_store(backend, requests, spec, store, items_by_key, progress=progress)
+
+
+def generate_shard(backend: Backend, tasks: list, spec: RunSpec, out: str | os.PathLike, *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict:
+    """Generate shard ``spec.shard``'s units into its own store; return the generation stats.
+
+    Nothing is graded and no results file is written: a shard's numbers are not the run's.
+    `autodeco gather` merges the shards' stores and writes the results of the whole run.
+    """
+    if spec.shard is None:
+        raise ValueError("generate_shard needs spec.shard")
+    items = _plan(backend, tasks, spec, out)
+    with open_output(out, spec) as (_, store):  # the first write: after everything is checked
+        return _generate(backend, items, spec, store, progress, log)
+
+
+def evaluate(backend: Backend, tasks: list, spec: RunSpec, out: str | os.PathLike, *,
+             tracker_factory: Callable[[Path, dict], object] | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> Path:
+    """Run ``spec`` on ``tasks`` with a loaded ``backend``; return the results file path."""
+    if spec.shard is not None:
+        raise ValueError("a sharded spec only generates: use generate_shard, then `autodeco gather`")
+    start = time.perf_counter()
+    items = _plan(backend, tasks, spec, out)
+    with open_output(out, spec) as (folder, store):  # the first write: after everything is checked
+        stats = _generate(backend, items, spec, store, progress, log)
+        results, rows_by_task = grade_and_summarize(items, spec, store)
+        path = write_outputs(folder, spec, tasks, results, rows_by_task, time.perf_counter() - start, stats)
     if tracker_factory is not None:
         tracker = tracker_factory(folder, run_config(spec))
         try:

@@ -10,11 +10,17 @@ store (a killed sweep resumes, and (T*, 1.0) is not generated twice) and writes 
 file. The summary goes to ``<out>/<model_name>/sweep_summary_<task>.json``.
 
 Cross-validated static baseline (``cross_validated`` in the summary): problems are split into k
-folds by a stable hash of their id; for each fold the grid point with the best Pass@1 on the
+folds (dealt round-robin in the order of a stable hash of their id); for each fold the grid point with the best Pass@1 on the
 *other* folds is chosen and scored on this fold only. The baseline's per-problem accuracies (kept
 in the summary for paired tests) are the chosen points' accuracies on held-out problems. The
 selection runs over the evaluated points; the only information the held-out fold leaks is where
 the top-p grid was placed (at the temperature that was best on all problems).
+
+Sharded (``spec.shard``, ``sweep_shard``): a shard cannot pick T* from its part of the problems,
+so a sharded sweep runs in two rounds — every shard generates its units of the temperature grid
+(greedy included); then, given the best temperature per task (``best_temperature`` on the gathered
+temperature grid, `autodeco sweep --best-from`), the top-p grid. `autodeco gather` then replays
+``sweep`` on the merged stores and writes the same files as an unsharded sweep.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 from harness.core.files import atomic_write, read_jsonl
 from harness.core.seeds import stable_seed
 from harness.decoding import get_preset
-from harness.runner import RunSpec, evaluate
+from harness.runner import RunSpec, evaluate, generate_shard
 from harness.stats import pass1_estimate, problem_accuracies, verdicts_by_doc
 
 CV_FOLDS = 5
@@ -106,8 +112,11 @@ def _run_point(backend, task, spec: RunSpec, out, group: str, temperature: float
             "results_file": path.name, "per_doc": per_doc}
 
 
-def fold_of(doc_id: str, folds: int) -> int:
-    return stable_seed("cv-fold", doc_id) % folds
+def fold_of(docs: list[str], folds: int) -> dict[str, int]:
+    """Each problem's fold: problems in the order of a stable hash of their id, dealt round-robin, so
+    the folds differ in size by at most one and none is empty while there are >= ``folds`` problems."""
+    order = sorted(docs, key=lambda doc: (stable_seed("cv-fold", doc), doc))
+    return {doc: i % folds for i, doc in enumerate(order)}
 
 
 def cross_validate(points: list[dict], folds: int = CV_FOLDS) -> dict:
@@ -117,7 +126,7 @@ def cross_validate(points: list[dict], folds: int = CV_FOLDS) -> dict:
         return {"folds": 0, "choices": [], "pass@1": None, "ci_low": None, "ci_high": None, "n_problems": len(docs),
                 "per_doc": {}, "note": "needs at least 2 problems"}
     folds = max(2, min(folds, len(docs)))
-    fold = {doc: fold_of(doc, folds) for doc in docs}
+    fold = fold_of(docs, folds)
     chosen, per_doc = [], {}
     for f in range(folds):
         held_out = [d for d in docs if fold[d] == f]
@@ -133,18 +142,26 @@ def cross_validate(points: list[dict], folds: int = CV_FOLDS) -> dict:
             "ci_high": estimate.ci_high, "n_problems": estimate.n, "per_doc": per_doc}
 
 
+def best_temperature(backend, task, spec: RunSpec, out: str | Path, temperatures: list[float], *, group: str,
+                     tracker_factory: Callable | None = None, progress: bool = True,
+                     log: Callable[[str], None] = print) -> tuple[list[dict], float]:
+    """Stage 1 for one task: greedy (T = 0) and the temperature grid at top_p = 1 (one results file
+    per point); return its rows and the best temperature (ties: the lowest T; 0 = greedy)."""
+    grid = [_run_point(backend, task, spec, out, group, t, 1.0, tracker_factory, progress, log)
+            for t in [0.0, *temperatures]]
+    return grid, max(grid, key=lambda r: r["pass@1"])["temperature"]
+
+
 def sweep(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: list[float], top_ps: list[float], *,
           group: str, tracker_factory: Callable | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> list[Path]:
     """Run the two-stage grid per task; return the sweep summary paths."""
     summaries = []
     for task in tasks:
-        def run(temperature: float, top_p: float, task=task) -> dict:
-            return _run_point(backend, task, spec, out, group, temperature, top_p, tracker_factory, progress, log)
-
-        temperature_grid = [run(t, 1.0) for t in [0.0, *temperatures]]  # T = 0 is greedy
-        best_t = max(temperature_grid, key=lambda r: r["pass@1"])["temperature"]  # ties: the lowest T
-        top_p_grid = [run(best_t, p) for p in top_ps] if best_t > 0 else []  # greedy has no P
+        temperature_grid, best_t = best_temperature(backend, task, spec, out, temperatures, group=group,
+                                                    tracker_factory=tracker_factory, progress=progress, log=log)
+        top_p_grid = [_run_point(backend, task, spec, out, group, best_t, p, tracker_factory, progress, log)
+                      for p in top_ps] if best_t > 0 else []  # greedy has no P
         best = max(top_p_grid or [r for r in temperature_grid if r["temperature"] == best_t],
                    key=lambda r: r["pass@1"])  # ties: the lowest P
         points = temperature_grid + top_p_grid
@@ -162,3 +179,23 @@ def sweep(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: li
         log(f"sweep {task.name}: best T={best_t}, best P={best['top_p']}, pass@1={best['pass@1']:.4f} → {path}")
         summaries.append(path)
     return summaries
+
+
+def sweep_shard(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: list[float], top_ps: list[float],
+                *, group: str, best_temperatures: dict[str, float] | None = None, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict:
+    """A shard's part of the sweep: its units of the temperature grid, and — once the best
+    temperature of each task is known (``best_temperatures``) — of the top-p grid. Generation only;
+    return the totals."""
+    totals = {"generated": 0, "tokens": 0, "seconds": 0.0}
+    for task in tasks:
+        points = [(t, 1.0) for t in [0.0, *temperatures]]  # T = 0 is greedy
+        best_t = None if best_temperatures is None else best_temperatures[task.name]
+        if best_t:  # greedy (0) has no top-p grid
+            points += [(best_t, p) for p in top_ps]
+        for temperature, top_p in points:
+            stats = generate_shard(backend, [task], _point(spec, group, temperature, top_p), out,
+                                   progress=progress, log=log)
+            for key in totals:
+                totals[key] += stats[key]
+    return totals

@@ -64,7 +64,8 @@ def test_official_grading_is_a_task_option():
 
 def test_cross_validation_scores_each_fold_with_the_others_best():
     docs = [f"d{i}" for i in range(40)]
-    folds = {d: fold_of(d, 5) for d in docs}
+    folds = fold_of(docs, 5)
+    assert sorted(list(folds.values()).count(f) for f in range(5)) == [8] * 5  # balanced
     # point A is better on folds 0-3, B on fold 4: fold 4 is scored with A (best on the others)
     a = {"temperature": 0.5, "top_p": 1.0, "per_doc": {d: (0.75 if folds[d] < 4 else 0.25) for d in docs}}
     b = {"temperature": 1.0, "top_p": 1.0, "per_doc": {d: (0.25 if folds[d] < 4 else 0.5) for d in docs}}
@@ -76,6 +77,8 @@ def test_cross_validation_scores_each_fold_with_the_others_best():
     assert cv["pass@1"] == pytest.approx(want.mean())
     low, _ = scipy_stats.t.interval(0.95, 39, loc=want.mean(), scale=scipy_stats.sem(want))
     assert cv["ci_low"] == pytest.approx(low)  # fractional accuracies are kept as they are
+    two = cross_validate([{"temperature": 0.5, "top_p": 1.0, "per_doc": {"x": 1.0, "y": 0.0}}])
+    assert two["folds"] == 2 and two["n_problems"] == 2  # two problems: one per fold, never an empty fold
     one = cross_validate([{"temperature": 0.5, "top_p": 1.0, "per_doc": {"only": 0.5}}])
     assert one["pass@1"] is None and one["note"] == "needs at least 2 problems"
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
+from harness.backends.vllm_dp import DataParallelLLM
 from harness.decoding import PROCESSORS
 from harness.models import is_autodeco, read_config
 from heads.vllm_plugin import REQUEST_KEY, TRACE_KEY, RowStateProcessor
@@ -236,10 +237,13 @@ class VLLMBackend(Backend):
             overrides = dict(extra.pop("hf_overrides", None) or {})
             overrides.update(autodeco_temperature=heads[0], autodeco_top_p=heads[1])
             extra["hf_overrides"] = overrides
+        kwargs = engine_kwargs(self.engine_path, autodeco=self.is_autodeco, **extra)
+        # vLLM's own data parallelism: the offline LLM refuses it in one process, its async client runs it
+        engine = DataParallelLLM if kwargs["data_parallel_size"] > 1 else LLM
         try:
-            if int(extra.get("tensor_parallel_size", 1)) * int(extra.get("data_parallel_size", 1)) == 1:
+            if int(kwargs.get("tensor_parallel_size", 1)) * kwargs["data_parallel_size"] == 1:
                 bind_cpu_threads(log=lambda m: print(m, file=sys.stderr))
-            self.llm = LLM(**engine_kwargs(self.engine_path, autodeco=self.is_autodeco, **extra))
+            self.llm = engine(**kwargs)
         except TypeError as err:
             raise BackendError(f"bad vLLM option for {self.model_path}: {err}") from err
         self.heads = heads
@@ -318,7 +322,7 @@ class VLLMBackend(Backend):
     def close(self) -> None:
         if self.llm is not None:
             engine = getattr(self.llm, "llm_engine", None)
-            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None) or getattr(self.llm, "shutdown", None)
             if callable(shutdown):
                 shutdown()
             self.llm = None

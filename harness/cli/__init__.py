@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "harness.cli.train",   # train, data reject-sample
     "harness.cli.tasks",   # tasks list/show/prepare, grade
     "harness.cli.eval",    # eval, sweep
+    "harness.cli.scale",   # gather, launch ray (sharded runs)
     "harness.cli.steer",   # steer (T/P by natural-language commands)
     "harness.cli.report",  # report <kind>
     "harness.cli.view",    # view (every sample, token by token, in HTML)

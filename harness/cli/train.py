@@ -6,6 +6,8 @@ Handlers import torch, transformers and TRL lazily so `autodeco --help` stays in
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
+from pathlib import Path
 
 from harness.cli.common import MAX_PROBLEMS, MAX_SAMPLES, MAX_TOKENS, int_at_least
 from harness.core import config as configs
@@ -30,6 +32,9 @@ examples:
   autodeco data reject-sample --model smollm2 --task arith --samples 8 --limit 200 --out data/arith_train.jsonl
   autodeco data reject-sample --model path/to/base --task deepmath --samples 16 --out deepmath_rs.jsonl
   autodeco data reject-sample --model smollm2 --task deepmath --data-file DeepMath-103K.parquet --limit 50 ...
+  autodeco data reject-sample --model BASE --task deepmath --samples 16 --shard 3/8 --out rs/deepmath_rs.jsonl
+      # problems 3, 11, 19, ... → rs/deepmath_rs.shard-3-of-8.jsonl; then:
+  autodeco gather --runs rs --out data     # → data/deepmath_rs.jsonl, as one unsharded run writes it
 
 sources: arith (synthetic train split), deepmath (zwhe99/DeepMath-103K from the hub, or --data-file),
 or any task name (its test split). Rows: prompt (chat template applied), completion, source,
@@ -90,16 +95,25 @@ def _register_train(subparsers) -> None:
 # autodeco data reject-sample
 
 
+# The reject-sample options that decide its rows (a shard manifest's settings; harness.gather).
+REJECT_SETTINGS = ("model", "task", "samples", "limit", "seed", "decoding", "max_tokens", "backend", "data_file",
+                   "data_dir", "difficulty", "keep_truncated")
+
+
 def _reject_sample(args: argparse.Namespace) -> int:
-    """Everything the user gave is checked (output, preset, backend, model, problems) before the
-    model is loaded; the rows are written at the end, in one go."""
+    """Everything the user gave is checked (output, preset, backend, model, problems, shard) before
+    the model is loaded; the rows are written at the end, in one go."""
     from harness.backends import check_backend, get_backend, parse_options
     from harness.core.files import check_output_file
     from harness.decoding import parse_spec
+    from harness.gather import record_shard, shard_output
     from harness.models import resolve_model
+    from harness.shards import parse_shard
     from heads.training.reject_sample import load_source, reject_sample
 
-    check_output_file(args.out, "--out")
+    shard = parse_shard(args.shard)
+    out = shard_output(args.out, shard) if shard else Path(args.out)
+    check_output_file(str(out), "--out")
     parse_spec(args.decoding)
     options = parse_options(args.backend_arg)
     check_backend(args.backend, options)
@@ -113,13 +127,17 @@ def _reject_sample(args: argparse.Namespace) -> int:
         raise UserError(f"cannot load problems for {args.task!r}: {err}") from None
     backend = get_backend(args.backend, model, **options)
     try:
-        stats = reject_sample(backend, source, args.samples, args.out, preset_spec=args.decoding,
+        stats = reject_sample(backend, source, args.samples, out, preset_spec=args.decoding,
                               seed=args.seed, max_tokens=args.max_tokens, keep_truncated=args.keep_truncated,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, shard=shard)
     finally:
         backend.close()
+    if shard:
+        config = {name: getattr(args, name) for name in REJECT_SETTINGS} | {"out_name": Path(args.out).name}
+        record_shard(out.parent, "reject-sample", config, shard, progress="done", extra={
+            "output": out.name, "doc_ids": [doc["doc_id"] for doc in shard.take(source.docs)], "stats": asdict(stats)})
     print(stats.summary())
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -147,6 +165,8 @@ def _register_data(subparsers) -> None:
     rs.add_argument("--data-dir", help="benchmark files for task sources (else $AUTODECO_DATA_DIR / hub)")
     rs.add_argument("--difficulty", type=int_at_least(1, 5), help="arith difficulty 1..5 (default 2)")
     rs.add_argument("--keep-truncated", action="store_true", help="also keep correct completions cut at max tokens")
+    rs.add_argument("--shard", metavar="I/N", help="only problems I, I+N, ... (I = 0..N-1) into OUT.shard-I-of-N.jsonl; "
+                                                   "merge with `autodeco gather --runs DIR --out DIR`")
     rs.add_argument("--no-progress", action="store_true")
     rs.set_defaults(func=_reject_sample)
     data.set_defaults(func=lambda args: data.print_help() or 2)

@@ -161,7 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
     """One flag per field of ``cls`` (help from ``metadata["help"]``); a flag not given is absent.
 
     Bool flags take an optional value: ``--bf16`` = ``--bf16 true``; ``--bf16 false``.
-    List fields repeat (``--backend-arg a=1 --backend-arg b=2``).
+    List fields repeat (``--backend-arg a=1 --backend-arg b=2``), or with ``metadata["nargs"] = "+"``
+    take several values at once (``--runs A B``).
     """
     group = parser.add_argument_group(title) if title else parser
     hints = _hints(cls)
@@ -180,7 +181,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
         if kind is bool:
             options.update(nargs="?", const="true", metavar="BOOL")
         elif typing.get_origin(kind) is list:
-            options.update(action="append", metavar=spec.metadata.get("metavar", "VALUE"))
+            options.update(metavar=spec.metadata.get("metavar", "VALUE"))
+            if spec.metadata.get("nargs") == "+":  # --runs A B C (given once)
+                options.update(nargs="+")
+            else:  # --backend-arg a=1 --backend-arg b=2
+                options.update(action="append")
         else:
             options.update(metavar=spec.metadata.get("metavar", getattr(kind, "__name__", "VALUE").upper()))
         if "choices" in spec.metadata:

@@ -25,7 +25,8 @@ def timestamp() -> str:
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` (UTF-8) through a temp file beside it + rename.
+    """Write ``text`` to ``path`` (UTF-8) through a temp file beside it + rename (the temp name
+    carries the pid, so processes writing the same file at once never share a temp file).
 
     A lone surrogate (``"\\ud800"`` read from a JSON file) cannot be UTF-8: it is written as the
     six characters ``\\ud800``, which is the same JSON escape it came from, so a JSON text stays
@@ -33,7 +34,7 @@ def atomic_write(path: str | os.PathLike, text: str) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(text)

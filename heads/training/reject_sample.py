@@ -10,6 +10,10 @@ Sources (registry ``SOURCES``):
 - ``deepmath``: DeepMath-103K (hub id ``zwhe99/DeepMath-103K``; columns question, final_answer,
   ...), from the hub or a local JSONL / JSON / Parquet copy (``data_file``);
 - any other registered task name (its test split), e.g. for quick experiments.
+
+Rows come in source order, each problem's by sample index. With ``shard`` (``--shard I/N``) only
+problems I, I+N, ... are sampled; `autodeco gather` interleaves the shards' files back into the
+file one unsharded run writes.
 """
 
 from __future__ import annotations
@@ -137,8 +141,11 @@ def reject_sample(
     keep_truncated: bool = False,
     dedupe: bool = True,
     progress: bool = True,
+    shard=None,
 ) -> RejectSampleStats:
-    """Sample, grade, keep the correct completions; writes JSONL rows to ``out`` atomically."""
+    """Sample, grade, keep the correct completions; writes JSONL rows to ``out`` atomically.
+
+    ``shard`` (a `harness.shards.Shard`): only this shard's problems (every N-th, from I)."""
     from tqdm import tqdm
 
     from harness.backends import Request
@@ -148,22 +155,25 @@ def reject_sample(
         raise ValueError("samples must be >= 1")
     preset = parse_spec(preset_spec)
     tokenizer = backend.tokenizer
+    docs = source.docs if shard is None else shard.take(source.docs)
     prompts = {
         doc["doc_id"]: tokenizer.apply_chat_template(source.messages(doc), tokenize=False, add_generation_prompt=True)
-        for doc in source.docs
+        for doc in docs
     }
     requests = [
         Request(key=f"{source.name}/{doc['doc_id']}", prompt=prompts[doc["doc_id"]], preset=preset, seed=seed,
                 n=samples, max_tokens=max_tokens or source.max_tokens)
-        for doc in source.docs
+        for doc in docs
     ]
-    by_key = {f"{source.name}/{doc['doc_id']}": doc for doc in source.docs}
+    by_key = {f"{source.name}/{doc['doc_id']}": doc for doc in docs}
+    position = {key: i for i, key in enumerate(by_key)}
     completions = []
     bar = tqdm(total=len(requests) * samples, desc="reject-sample: generate", disable=not progress)
     for completion in backend.generate(requests):
         completions.append(completion)
         bar.update(1)
     bar.close()
+    completions.sort(key=lambda c: (position[c.key], c.sample_index))  # backends may answer in any order
     verdicts = source.grade_many([(by_key[c.key], c.text) for c in completions])
 
     rows, seen = [], set()
@@ -179,6 +189,6 @@ def reject_sample(
                      "answer": str(doc.get("answer"))})
     atomic_write_jsonl(out, rows)
     return RejectSampleStats(
-        problems=len(source.docs), samples=len(completions), correct=sum(v.correct for v in verdicts),
+        problems=len(docs), samples=len(completions), correct=sum(v.correct for v in verdicts),
         rows=len(rows), solved_problems=len({row["doc_id"] for row in rows}),
     )

@@ -156,6 +156,23 @@ def heads_state_dict(model: torch.nn.Module, state_dict: dict | None = None) -> 
     return {k: v for k, v in source.items() if k.startswith(HEAD_PREFIXES)}
 
 
+def average_gradients(net: torch.nn.Module) -> None:
+    """Average the trainable parameters' gradients over the ranks (all-reduce, then / world size).
+
+    `AutoDecoTrainer.compute_loss` calls the model's ``base_forward`` and ``heads_forward`` on the
+    unwrapped module, not through DistributedDataParallel's ``forward``; DDP only reduces gradients
+    after its own forward, so without this each rank would step with its own micro-batch's gradient.
+    (DeepSpeed reduces in its backward hooks and needs nothing here.)
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for param in net.parameters():
+        if param.requires_grad and param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= world
+
+
 class AutoDecoTrainer(SFTTrainer):
     """SFTTrainer whose loss is the AutoDeco objective and whose checkpoints hold only the heads."""
 
@@ -201,6 +218,13 @@ class AutoDecoTrainer(SFTTrainer):
         self._total_train_tokens += int(self.accelerator.gather_for_metrics(torch.tensor(n_tokens)).sum())
         metrics["num_tokens"] = [self._total_train_tokens]
         return (out.loss, out) if return_outputs else out.loss
+
+    # -- several processes -----------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.accelerator.sync_gradients:
+            average_gradients(self.accelerator.unwrap_model(model))
+        return loss
 
     # -- heads-only checkpoints ------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
