@@ -8,25 +8,42 @@ P <= 0 keeps the top token (and its ties); P >= 1 keeps everything.
 Why it is fast: the order of probabilities is the order of logits, and the mass of any token
 is exp(z_i - lse) once the full-vocabulary logsumexp is known. So the nucleus only needs
 (1) one exp pass over the vocabulary for lse (shared with the top-p head's features) and
-(2) the few largest logits. Those come from a block-max pre-selection: the k largest values
-of a row lie in the k blocks with the largest maxima, so a cheap max over blocks of 64 plus
-two tiny top-k's replaces a vocabulary-wide top-k (slow on CPU) or sort (very slow). Rows whose
-k candidates do not reach P, or whose boundary ties the last candidate, sort only their tokens
-above a log-probability floor (lowered until the mass reaches P), so the result is always exact.
+(2) the largest logits up to the crossing point. Those come from a block-max pre-selection: the
+k largest values of a row lie in the k blocks with the largest maxima, so a cheap max over blocks
+of 64 plus two tiny top-k's replaces a vocabulary-wide top-k (slow on CPU) or sort (very slow).
 
-Self-contained (torch only): copied next to saved checkpoints for trust_remote_code loading.
+Rows whose k candidates do not reach P (flat rows, P near 1: a third to two thirds of the rows
+of a real model at P 0.9-0.99), or whose boundary ties the last candidate, go together through
+one vectorised pass (no loop over rows): a histogram of their mass over rungs of z (0.5 nats
+each, value ranges, so any set of top rungs is a prefix of the sorted order) picks, per row, the
+fewest top rungs whose mass reaches P with a margin; only those tokens are sorted (a few hundred
+to a few thousand instead of the vocabulary), with the reference's own arithmetic on them. A
+row whose sorted candidates still miss P (the margin did not cover rounding) is sorted whole, so
+the result is always exact.
+
+Self-contained (torch; numpy's faster sort where it is installed): copied next to saved
+checkpoints for trust_remote_code loading.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 from dataclasses import dataclass
 
 import torch
 
+try:  # numpy sorts float32 rows several times faster than torch on CPU
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
 BLOCK = 64
 DEFAULT_K = 64
-LOG_PROB_FLOORS = (-8.0, -16.0, float("-inf"))  # fallback: sort only tokens with log p >= floor
+KEY_SHIFT = 18  # slow path: a token's rung = float32 bits of (row max - z) >> 18 (exponent + 5 mantissa bits)
+MAX_DEPTH = 64.0  # tokens deeper than this below the row max share the last rung
+N_KEYS = (struct.unpack("<i", struct.pack("<f", MAX_DEPTH))[0] >> KEY_SHIFT) + 1
+MARGIN = 1e-4  # the chosen rungs' mass (float32 sums) must exceed P by this much
 
 
 @dataclass
@@ -108,22 +125,72 @@ def _cutoff(values: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> tup
     return threshold, reached & untied
 
 
-def _row_threshold(row: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Exact threshold for one row whose top candidates were not enough.
+def _descending_packed(z: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each row's candidate values sorted descending, packed into [n, most counts], padded with -inf.
 
-    The tokens with log-probability >= a floor form a prefix of the sorted order; once their
-    mass reaches P the nucleus lies inside them, so only they are sorted (usually a few hundred).
-    Tokens below the floor are strictly smaller, so no tie crosses it. Returns -inf (keep all)
-    when even the whole row does not reach P (rounding).
+    On CPU (numpy): the candidates are gathered row-major and sorted once by (row, descending
+    value) through an int64 key whose low half orders float32 bits (negatives' magnitude bits
+    flipped); elsewhere a padded torch.sort.
     """
-    for floor in LOG_PROB_FLOORS:
-        values = row[row >= lse + floor] if floor > float("-inf") else row
-        values = torch.sort(values, descending=True).values
-        cumulative = torch.exp(values - lse).cumsum(-1)
-        first = int((cumulative < top_p).sum())
-        if first < values.numel():
-            return values[first]
-    return torch.tensor(float("-inf"), dtype=row.dtype, device=row.device)
+    n, most = z.shape[0], max(int(counts.max()), 1)
+    if np is None or z.device.type != "cpu":
+        packed = z.masked_fill(~candidates, float("-inf"))
+        return torch.sort(packed, dim=-1, descending=True).values[:, :most]
+    bits = z.numpy().view(np.int32)[candidates.numpy()]  # row-major: row 0's candidates first
+    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    counts_np = counts.numpy()
+    rows = np.repeat(np.arange(n, dtype=np.int64), counts_np)
+    low = ((~order).view(np.uint32) ^ np.uint32(0x80000000)).astype(np.int64)  # unsigned, descending value
+    keys = (rows << 32) | low  # by row, then by descending value
+    keys.sort()
+    order = ~((keys & 0xFFFFFFFF).astype(np.uint32) ^ np.uint32(0x80000000)).view(np.int32)
+    values = (order ^ ((order >> 31) & 0x7FFFFFFF)).view(np.float32)
+    starts = np.cumsum(counts_np) - counts_np
+    packed = np.full((n, most), -np.inf, dtype=np.float32)
+    packed.ravel()[rows * most + np.arange(rows.size) - starts[rows]] = values
+    return torch.from_numpy(packed)
+
+
+def _sorted_thresholds(z: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, candidates: torch.Tensor):
+    """(threshold, ok) per row from its candidate tokens (a prefix of its sorted order).
+
+    The sorted candidates go through the reference's arithmetic (exp(v - lse), cumsum, first
+    cumulative >= P). ok = the crossing lies inside the candidates (padding adds no mass, so a
+    short set shows as first >= count).
+    """
+    counts = candidates.sum(-1)
+    values = _descending_packed(z, candidates, counts)
+    cumulative = torch.exp(values - lse.unsqueeze(-1)).cumsum(-1)
+    first = (cumulative < top_p.unsqueeze(-1)).sum(-1)
+    threshold = values.gather(1, first.clamp(max=values.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
+    return threshold, first < counts
+
+
+def _slow_thresholds(z: torch.Tensor, row_max: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Exact thresholds for rows z [n, V] that the top candidates could not settle (all at once).
+
+    A token's rung is the float32 bit pattern of its depth max - z, shifted right by KEY_SHIFT:
+    monotone in the depth (so in -z), hence the top rungs of a row are a prefix of its descending
+    order and never split ties, and each rung spans ~3% of its depth. A histogram of exp(-depth)
+    over the rungs picks the fewest top rungs whose mass reaches P + MARGIN; only their tokens are
+    sorted. Rows where that still falls short are sorted whole. -inf = keep everything (the
+    whole row does not reach P).
+    """
+    n = z.shape[0]
+    depth = torch.sub(row_max.unsqueeze(-1), z).clamp_(max=MAX_DEPTH)
+    rung = depth.view(torch.int32) >> KEY_SHIFT
+    keys = rung + (torch.arange(n, dtype=torch.int32, device=z.device) * N_KEYS).unsqueeze(-1)
+    mass = torch.bincount(keys.view(-1), weights=depth.neg_().exp_().view(-1), minlength=n * N_KEYS)
+    cumulative = mass.view(n, N_KEYS).cumsum(-1)
+    reached = cumulative >= (top_p + MARGIN).unsqueeze(-1) * cumulative[:, -1:]
+    deepest = torch.where(reached.any(-1), reached.to(torch.int8).argmax(-1), N_KEYS - 1).to(torch.int32)
+    threshold, ok = _sorted_thresholds(z, lse, top_p, rung <= deepest.unsqueeze(-1))
+    if not bool(ok.all()):
+        redo = (~ok).nonzero().squeeze(-1)
+        whole = torch.ones_like(z[redo], dtype=torch.bool)
+        full, full_ok = _sorted_thresholds(z[redo], lse[redo], top_p[redo], whole)
+        threshold[redo] = torch.where(full_ok, full, float("-inf"))  # never reaching P: keep all
+    return threshold
 
 
 def nucleus_from_stats(
@@ -136,18 +203,19 @@ def nucleus_from_stats(
     top_p = top_p.to(z.dtype).clamp(min=0.0)
     keep_all = top_p >= 1.0
     threshold, resolved = _cutoff(stats.top_values, stats.lse, top_p)
-    slow = (~resolved | keep_all).nonzero().squeeze(-1)  # rare: flat rows, boundary tied with the last candidate
-    saved = z[slow]  # a copy (advanced indexing) of the rows we still need whole
+    slow = (~resolved & ~keep_all).nonzero().squeeze(-1)  # flat rows, P near 1, a boundary tied with the last candidate
+    whole = keep_all.nonzero().squeeze(-1)
+    saved = torch.index_select(z, 0, slow) if slow.numel() else None  # rows still needed whole
+    kept_whole = torch.index_select(z, 0, whole) if whole.numel() else None
 
     out = z.fill_(float("-inf")) if inplace else torch.full_like(z, float("-inf"))
     kept = torch.where(stats.top_values >= threshold.unsqueeze(-1), stats.top_values, float("-inf"))
     out.scatter_(1, stats.top_indices, kept)
-    for i, row in enumerate(slow.tolist()):
-        if keep_all[row]:
-            out[row] = saved[i]
-            continue
-        cut = _row_threshold(saved[i], stats.lse[row], top_p[row])
-        out[row] = torch.where(saved[i] >= cut, saved[i], float("-inf"))
+    if saved is not None:
+        cut = _slow_thresholds(saved, stats.top_values[slow, 0], stats.lse[slow], top_p[slow])
+        out.index_copy_(0, slow, saved.masked_fill_(saved < cut.unsqueeze(-1), float("-inf")))
+    if kept_whole is not None:
+        out.index_copy_(0, whole, kept_whole)
     return out
 
 
