@@ -307,11 +307,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, base_model=base)
         if not head_keys:
             raise CheckpointError(f"no temp_head.*/top_p_head.* tensors in {folder} ({[f.name for f in files]})")
+        # The heads stay float32 whatever the base's dtype (tiny; the vLLM plugin does the same).
         model.load_heads({k: _read_tensor(keys[k], k) for k in head_keys}, source=str(folder))
-        dtype = base_kwargs.get("dtype", base_kwargs.get("torch_dtype"))
-        if isinstance(dtype, torch.dtype):
-            model.temp_head.to(dtype)
-            model.top_p_head.to(dtype)
         return model.eval()
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:

@@ -6,6 +6,10 @@ Sampling is done by our own last logits processor, ``RowSampler``: it runs the p
 greedy step picks exactly the drawn token. A sample therefore does not depend on which other
 samples share its batch — a resumed run reproduces an uninterrupted one.
 
+Options (``--backend-arg KEY=VALUE``): ``dtype`` (auto = bf16 on CPUs with native bf16, see
+``harness.backends.dtype``), ``cache`` (auto = transformers' pre-allocated static KV cache where
+it supports the model and the sequence is short, static, dynamic), ``max_batch_size``, ``device``.
+
 AutoDeco models (``model_type == "autodeco"``: heads-only or merged folders) load through
 ``heads.model.AutoDecoModelForCausalLM``; the preset's ``heads`` switch the heads on, and a forward
 hook records the predicted T and P of every generated token.
@@ -19,8 +23,12 @@ from pathlib import Path
 import torch
 
 from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
+from harness.backends.dtype import torch_dtype as resolve_torch_dtype
 from harness.decoding import DecodingPreset
 from harness.models import is_autodeco, read_config
+
+CACHES = ("auto", "static", "dynamic")  # --backend-arg cache=...
+STATIC_MAX_TOKENS = 4096  # auto: a static KV cache up to this prompt + generation length
 
 
 class RowSampler:
@@ -63,15 +71,19 @@ class TraceRecorder:
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, max_batch_size: int = 64):
+    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, max_batch_size: int = 64,
+                 cache: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_path = str(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.max_batch_size = max_batch_size
+        if cache not in CACHES:
+            raise BackendError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
+        self.cache = cache
         config = read_config(self.model_path)
         self.is_autodeco = is_autodeco(config)
-        torch_dtype = _dtype(dtype, self.device)
+        torch_dtype = resolve_torch_dtype(dtype, self.device.type)  # auto: bf16 where the CPU has it natively
         if self.is_autodeco:
             from heads.model import AutoDecoModelForCausalLM
 
@@ -83,6 +95,21 @@ class HFBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        base = self.model.llm if self.is_autodeco else self.model
+        self.static_ok = bool(getattr(base, "_can_compile_fullgraph", False))  # transformers' StaticCache fits it
+
+    def cache_implementation(self, total_tokens: int) -> str | None:
+        """``"static"`` (a KV cache allocated once, written in place) where transformers supports it for
+        this model and the sequence fits STATIC_MAX_TOKENS, else None (the growing dynamic cache).
+
+        A static cache saves re-concatenating every layer's keys and values each step, but every step
+        attends over its whole length, so it only pays while prompt + budget stays short.
+        """
+        if self.cache == "dynamic" or not self.static_ok:
+            return None
+        if self.cache == "static" or total_tokens <= STATIC_MAX_TOKENS:
+            return "static"
+        return None
 
     def load_heads(self, model_path: str) -> bool:
         if not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):
@@ -119,6 +146,7 @@ class HFBackend(Backend):
         config = GenerationConfig(
             do_sample=False,
             max_new_tokens=request.max_tokens,
+            cache_implementation=self.cache_implementation(ids.shape[1] + request.max_tokens),
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
             stop_strings=list(request.stop) or None,
@@ -166,15 +194,6 @@ class HFBackend(Backend):
         if cuts:
             text, reason = text[: min(cuts)], "stop"
         return text, n_tokens, reason
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return getattr(torch, name)
-    except AttributeError:
-        raise BackendError(f"unknown dtype {name!r}") from None
 
 
 def _load_tokenizer(auto_tokenizer, path: str, config: dict):

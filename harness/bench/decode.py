@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from harness.models import resolve_model
-    from heads.model import AutoDecoModelForCausalLM
+    from heads.model import AutoDecoModelForCausalLM, decode
     from heads.nucleus import logit_stats, nucleus_filter_sorted, nucleus_from_stats
 
     if args.threads:
@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
         naive = _median_ms(lambda: nucleus_filter_sorted(z, top_p), repeats=5)
 
         def everything():  # heads, features, ÷T and nucleus: all AutoDeco adds to a step
-            t, p, zz, stats = model._heads(out.hidden, out.base_logits, need_stats=True)
-            model._dynamic_logits(out.base_logits, t, p, zz, stats)
+            decode(model.temp_head, model.top_p_head, out.hidden, out.base_logits, use_temperature=True,
+                   use_top_p=True)
 
         total = _median_ms(everything)
     print(f"per decode step (base step ≈ {step_ms:.1f} ms): exact nucleus {fast:.2f} ms "

@@ -31,12 +31,45 @@ def _engine_common(p: argparse.ArgumentParser, samples: int, max_tokens: int) ->
     p.add_argument("--out", help="write the measurement as JSON into this folder")
 
 
+def _items(text: str, kind, what: str) -> list:
+    try:
+        values = [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one of {what}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    values = _items(text, float, "numbers in (0, 1)")
+    if not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"every top-p must be in (0, 1), got {text!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    values = _items(text, int, "positive integers")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every thread count must be >= 1, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    values = _items(text, str.strip, "names")
+    unknown = [v for v in values if v not in ("hf", "vllm")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from hf, vllm")
+    return values
+
+
 def register(subparsers) -> None:
     """Add `bench` and its benchmarks to the `autodeco` parser."""
     parent = subparsers.add_parser("bench", help="benchmarks that print measured ratios (speed, memory)")
     bench_subparsers = parent.add_subparsers(dest="bench", metavar="<benchmark>")
     parent.set_defaults(func=lambda args: parent.print_help() or 2)
     _decode(bench_subparsers)
+    _nucleus(bench_subparsers)
     _engine(bench_subparsers)
     _training(bench_subparsers)
     _efficiency(bench_subparsers)
@@ -59,6 +92,31 @@ def _decode(bench_subparsers) -> None:
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(func=_run("decode:run"))
+
+
+def _nucleus(bench_subparsers) -> None:
+    bench = bench_subparsers.add_parser(
+        "nucleus", help="AutoDeco / default sampling with the top-p head forced to realistic P (goal <= 1.01)",
+        description="Heads forced to T = 1 and each P of --top-ps (and, with --heads, a trained checkpoint's own "
+        "T and P), SmolLM2's real logits from natural-text prompts; per engine and thread count a child process "
+        "times AutoDeco sampling against default sampling (interleaved repeats, median ratio) and, on hf, the "
+        "exact nucleus alone per step.",
+    )
+    bench.add_argument("--model", default="smollm2", help="base model (the heads are written for it)")
+    bench.add_argument("--top-ps", type=_floats, default=[0.8, 0.9, 0.95, 0.99], help="forced P values (default "
+                       "0.8,0.9,0.95,0.99)")
+    bench.add_argument("--heads", help="a trained AutoDeco checkpoint of the same base (e.g. outputs/demo/train/final): "
+                       "adds its own T and P as a setting")
+    bench.add_argument("--backends", type=_names, default=["hf", "vllm"], help="hf,vllm (default both)")
+    bench.add_argument("--threads", type=_ints, default=[1, 2], help="thread counts (default 1,2)")
+    bench.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it natively), float32, bfloat16")
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--context", type=int, default=256, help="prompt length in tokens")
+    bench.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median reported)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", help="write bench_nucleus.json into this folder")
+    bench.set_defaults(func=_run("nucleus:run"))
 
 
 def _engine(bench_subparsers) -> None:
