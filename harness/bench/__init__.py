@@ -12,7 +12,6 @@ from pathlib import Path
 
 from harness.core.files import atomic_write_json
 
-
 # Natural text for prompts and training rows: random tokens give unnaturally flat next-token
 # distributions (a slow nucleus, a slow loss sort), so every benchmark reads real text.
 TEXT = (

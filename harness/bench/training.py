@@ -1,7 +1,8 @@
 """`autodeco bench loss` and `autodeco bench train`: what training the heads costs.
 
-- loss: forward + backward of the soft top-p loss, chunked (exact) vs the direct autograd form,
-  each run in a fresh process (peak RSS over the inputs), repeats interleaved, medians.
+- loss: forward + backward of the soft top-p loss, chunked (the default kernel: numba on CPU) vs
+  the direct autograd form, each run in a fresh process (peak RSS over the inputs), repeats
+  interleaved, medians.
 - train: real `AutoDecoTrainer` steps (base no-grad forward, heads, loss, backward, AdamW) vs the
   base forward alone on the same batch of natural text: the ratio of tokens per second, against
   the forward timed before the loss ever ran and after (same process).
@@ -92,7 +93,7 @@ def loss(args) -> int:
                             "loss": rows[0]["loss"], "grad_t_norm": rows[0]["grad_t"],
                             "grad_p_norm": rows[0]["grad_p"], "repeats": len(rows)}
     chunked = summary["chunked"]
-    print(f"chunked (exact): {chunked['seconds_median']:.2f} s ({chunked['cpu_seconds_median']:.2f} s CPU), extra peak {chunked['extra_peak_gib_median']:.3f} GiB "
+    print(f"chunked: {chunked['seconds_median']:.2f} s ({chunked['cpu_seconds_median']:.2f} s CPU), extra peak {chunked['extra_peak_gib_median']:.3f} GiB "
           f"(target <= 1 GiB)")
     if "direct" in summary:
         direct = summary["direct"]

@@ -71,6 +71,7 @@ def register(subparsers) -> None:
     _decode(bench_subparsers)
     _nucleus(bench_subparsers)
     _engine(bench_subparsers)
+    _precision(bench_subparsers)
     _training(bench_subparsers)
     _efficiency(bench_subparsers)
     _grading(bench_subparsers)
@@ -119,6 +120,25 @@ def _nucleus(bench_subparsers) -> None:
     bench.set_defaults(func=_run("nucleus:run"))
 
 
+def _precision(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "precision", help="bf16 / fp32 decode speed per engine and the greedy accuracy check (goal >= 1.4 on vllm)",
+        description="One engine per dtype and backend: a fixed-shape decode (no EOS, prefill subtracted) and "
+        "greedy on the demo's held-out problems; prints the speed ratio and whether bf16 passes the accuracy "
+        "check (>= 80% identical greedy completions, accuracy within 10 points of fp32).")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--backends", default="vllm,hf", help="comma-separated backends (default vllm,hf)")
+    p.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every backend (its dtype is set per run)")
+    p.add_argument("--task", default="arith")
+    p.add_argument("--limit", type=int, default=16, help="problems for the accuracy check (default 16, as the demo)")
+    p.add_argument("--max-tokens", type=int, default=128, help="greedy budget per problem (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="rows of the decode measurement (default 16)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens of the decode measurement (default 64)")
+    p.add_argument("--out", help="write bench_precision.json into this folder")
+    p.set_defaults(func=_run("precision:run"))
+
+
 def _engine(bench_subparsers) -> None:
     o = bench_subparsers.add_parser("overhead", help="wall time of a full eval / raw backend generate (target <= 1.05)")
     _engine_common(o, samples=4, max_tokens=32)
@@ -127,9 +147,17 @@ def _engine(bench_subparsers) -> None:
     o.add_argument("--repeats", type=int, default=3)
     o.set_defaults(func=_run("engine:overhead"))
 
-    b = bench_subparsers.add_parser("backends", help="throughput of vllm vs hf on the same requests")
+    b = bench_subparsers.add_parser(
+        "backends", help="throughput of vllm vs hf on the same requests, and decode vs the memory-bandwidth bound",
+        description="Tokens/s of each backend on the same eval requests; then each engine decodes a fixed batch "
+        "(no EOS, prefill subtracted) and is compared with the bound batch x read bandwidth / bytes per step "
+        "(weights + KV cache), the bandwidth measured on this machine. Prints the bound and the fraction reached.")
     _engine_common(b, samples=16, max_tokens=64)
     b.add_argument("--backends", default="vllm,hf", help="comma-separated backends (default vllm,hf)")
+    b.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every backend, e.g. dtype=float32 or cache=dynamic (repeatable)")
+    b.add_argument("--decode-batch", type=int, default=16, help="rows of the fixed-shape decode (default 16)")
+    b.add_argument("--decode-tokens", type=int, default=64, help="new tokens of the fixed-shape decode (default 64)")
     b.set_defaults(func=_run("engine:backends"), backend="hf")
 
 

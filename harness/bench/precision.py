@@ -1,0 +1,85 @@
+"""`autodeco bench precision`: bf16 against fp32 per engine — decode speed and the accuracy check.
+
+For each backend, one engine per dtype: (1) a fixed-shape decode (batch 16, no EOS, prefill
+subtracted; `harness.bench.engine.decode_vs_bound`), (2) greedy on the demo's held-out problems
+(arith). Prints the speed ratio bf16 / fp32 (goal >= 1.4 on vLLM) and the accuracy check:
+
+    bf16 passes when at least AGREEMENT of the greedy completions equal fp32's, word for word,
+    and the graded accuracy differs by at most ACCURACY_GAP.
+
+bf16 keeps ~3 significant digits of each logit, so a greedy path can part from fp32's at a
+near-tie and then reads differently while still being right; the tolerance says how often that
+may happen on these problems. AutoDeco's heads and the nucleus stay fp32 in both engines.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from harness.backends import Request, get_backend, parse_options
+from harness.bench import write_result
+from harness.bench.engine import decode_vs_bound, read_bandwidth
+from harness.decoding import get_preset
+from harness.models import resolve_model
+from tasks import get_task
+
+AGREEMENT = 0.8  # at least this share of identical greedy completions
+ACCURACY_GAP = 0.1  # and accuracies at most this far apart
+SPEED_GOAL = 1.4  # vLLM bf16 decode / fp32 decode, on CPUs with native bf16
+DTYPES = ("float32", "bfloat16")
+
+
+def greedy_texts(backend, task, docs, max_tokens: int) -> dict[str, str]:
+    """Greedy completion per doc id."""
+    requests = [Request(key=f"{task.name}/{task.doc_id(d)}", prompt=task.prompt(d, backend.tokenizer),
+                        preset=get_preset("greedy"), seed=0, n=1, max_tokens=max_tokens) for d in docs]
+    return {c.key.split("/", 1)[1]: c.text for c in backend.generate(requests)}
+
+
+def accuracy_check(task, docs, reference: dict[str, str], other: dict[str, str]) -> dict:
+    """Agreement of two greedy runs on ``docs`` and their accuracies; ``passed`` per the tolerance above."""
+    ids = [task.doc_id(d) for d in docs]
+    same = sum(reference[i] == other[i] for i in ids) / len(ids)
+    accuracy = [sum(task.grade(d, texts[task.doc_id(d)]).correct for d in docs) / len(docs)
+                for texts in (reference, other)]
+    passed = same >= AGREEMENT and abs(accuracy[0] - accuracy[1]) <= ACCURACY_GAP
+    return {"identical": same, "accuracy_reference": accuracy[0], "accuracy_other": accuracy[1], "passed": passed,
+            "problems": len(ids)}
+
+
+def run(args) -> int:
+    task = get_task(args.task)
+    docs = task.docs(limit=args.limit)
+    model = resolve_model(args.model)
+    options = parse_options(args.backend_arg)
+    bandwidth = read_bandwidth()
+    result = {"bench": "precision", "model": args.model, "task": args.task, "problems": len(docs),
+              "read_bandwidth_bytes_per_second": bandwidth, "backends": {}}
+    for name in args.backends.split(","):
+        texts, decode = {}, {}
+        for dtype in DTYPES:
+            backend = get_backend(name, model, **{**options, "dtype": dtype})
+            try:
+                texts[dtype] = greedy_texts(backend, task, docs, args.max_tokens)
+                prompt = backend.tokenizer(task.prompt(docs[0], backend.tokenizer), add_special_tokens=False).input_ids
+                decode[dtype] = decode_vs_bound(backend, prompt, args.batch, args.new_tokens, bandwidth)
+            finally:
+                backend.close()
+            print(f"{name} {dtype}: decode {decode[dtype]['tokens_per_second']:.1f} tok/s at batch {args.batch}",
+                  file=sys.stderr, flush=True)
+        check = accuracy_check(task, docs, texts["float32"], texts["bfloat16"])
+        speed = decode["bfloat16"]["tokens_per_second"] / decode["float32"]["tokens_per_second"]
+        result["backends"][name] = {"decode": decode, "speed_ratio": speed, "accuracy_check": check}
+    print(f"bench precision: {args.model}, decode at batch {args.batch} ({args.new_tokens} tokens, {torch.get_num_threads()} "
+          f"threads); greedy on {len(docs)} {args.task} problems")
+    for name, row in result["backends"].items():
+        check = row["accuracy_check"]
+        goal = f" (goal >= {SPEED_GOAL})" if name == "vllm" else ""
+        print(f"  {name:>5}: bf16 / fp32 decode speed = {row['speed_ratio']:.2f}{goal}; identical greedy completions "
+              f"{check['identical']:.0%} (>= {AGREEMENT:.0%}), accuracy fp32 {check['accuracy_reference']:.0%} vs bf16 "
+              f"{check['accuracy_other']:.0%} (gap <= {ACCURACY_GAP:.0%}): accuracy check "
+              f"{'passed' if check['passed'] else 'FAILED'}")
+    write_result(args.out, "bench_precision.json", result)
+    return 0
