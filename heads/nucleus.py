@@ -40,9 +40,12 @@ except ImportError:  # pragma: no cover
 
 BLOCK = 64
 DEFAULT_K = 64
-KEY_SHIFT = 18  # slow path: a token's rung = float32 bits of (row max - z) >> 18 (exponent + 5 mantissa bits)
+# Slow path rungs: float32 bits of 1 + depth (depth = row max - z) >> KEY_SHIFT, i.e. its exponent
+# and 5 mantissa bits: rungs 1/32 of (1 + depth) wide (0.03 nats at the top, 0.3 nats 10 nats down).
+KEY_SHIFT = 18
 MAX_DEPTH = 64.0  # tokens deeper than this below the row max share the last rung
-N_KEYS = (struct.unpack("<i", struct.pack("<f", MAX_DEPTH))[0] >> KEY_SHIFT) + 1
+KEY_FIRST = struct.unpack("<i", struct.pack("<f", 1.0))[0] >> KEY_SHIFT
+N_KEYS = (struct.unpack("<i", struct.pack("<f", 1.0 + MAX_DEPTH))[0] >> KEY_SHIFT) - KEY_FIRST + 1
 MARGIN = 1e-4  # the chosen rungs' mass (float32 sums) must exceed P by this much
 
 
@@ -125,72 +128,107 @@ def _cutoff(values: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> tup
     return threshold, reached & untied
 
 
-def _descending_packed(z: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Each row's candidate values sorted descending, packed into [n, most counts], padded with -inf.
-
-    On CPU (numpy): the candidates are gathered row-major and sorted once by (row, descending
-    value) through an int64 key whose low half orders float32 bits (negatives' magnitude bits
-    flipped); elsewhere a padded torch.sort.
-    """
-    n, most = z.shape[0], max(int(counts.max()), 1)
-    if np is None or z.device.type != "cpu":
-        packed = z.masked_fill(~candidates, float("-inf"))
-        return torch.sort(packed, dim=-1, descending=True).values[:, :most]
-    bits = z.numpy().view(np.int32)[candidates.numpy()]  # row-major: row 0's candidates first
+def _packed_descending(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Values [m] of rows [m] (ascending row ids), each row's sorted descending, packed into [n, most]
+    padded with -inf: one int64 sort whose high half is the row and whose low half orders the
+    float32 bits (negatives' magnitude bits flipped, then reversed for descending order)."""
+    counts = np.bincount(rows, minlength=n)
+    most = max(int(counts.max()), 1)
+    bits = values.view(np.int32)
     order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
-    counts_np = counts.numpy()
-    rows = np.repeat(np.arange(n, dtype=np.int64), counts_np)
-    low = ((~order).view(np.uint32) ^ np.uint32(0x80000000)).astype(np.int64)  # unsigned, descending value
-    keys = (rows << 32) | low  # by row, then by descending value
+    keys = (rows.astype(np.int64) << 32) | ((~order).view(np.uint32) ^ np.uint32(0x80000000)).astype(np.int64)
     keys.sort()
     order = ~((keys & 0xFFFFFFFF).astype(np.uint32) ^ np.uint32(0x80000000)).view(np.int32)
-    values = (order ^ ((order >> 31) & 0x7FFFFFFF)).view(np.float32)
-    starts = np.cumsum(counts_np) - counts_np
     packed = np.full((n, most), -np.inf, dtype=np.float32)
-    packed.ravel()[rows * most + np.arange(rows.size) - starts[rows]] = values
-    return torch.from_numpy(packed)
+    starts = np.cumsum(counts) - counts
+    sorted_rows = keys >> 32
+    packed.ravel()[sorted_rows * most + np.arange(rows.size) - starts[sorted_rows]] = (
+        order ^ ((order >> 31) & 0x7FFFFFFF)).view(np.float32)
+    return packed
 
 
-def _sorted_thresholds(z: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, candidates: torch.Tensor):
-    """(threshold, ok) per row from its candidate tokens (a prefix of its sorted order).
-
-    The sorted candidates go through the reference's arithmetic (exp(v - lse), cumsum, first
-    cumulative >= P). ok = the crossing lies inside the candidates (padding adds no mass, so a
-    short set shows as first >= count).
-    """
-    counts = candidates.sum(-1)
-    values = _descending_packed(z, candidates, counts)
-    cumulative = torch.exp(values - lse.unsqueeze(-1)).cumsum(-1)
+def _sorted_thresholds(values: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, base=None):
+    """(threshold, first, masses) for rows of values sorted descending ([n, k], -inf padded), with
+    the reference's arithmetic: masses exp(v - lse), cumulative sums (``base`` [n] float64 added:
+    the exact mass ranked before these values), first index whose cumulative reaches P."""
+    masses = torch.exp(values - lse.unsqueeze(-1))
+    if base is None:
+        cumulative = masses.cumsum(-1)
+    else:  # exact: every partial sum is a multiple of 2^-52 below 2 (see _slow_thresholds_cpu)
+        cumulative = (masses.double().cumsum(-1) + base.unsqueeze(-1)).float()
     first = (cumulative < top_p.unsqueeze(-1)).sum(-1)
-    threshold = values.gather(1, first.clamp(max=values.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
-    return threshold, first < counts
+    at = first.clamp(max=values.shape[1] - 1).unsqueeze(-1)
+    return values.gather(1, at).squeeze(-1), first, masses.gather(1, at).squeeze(-1)
+
+
+def _full_sort_thresholds(z: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Thresholds of whole rows by a full sort (cheap on accelerators; the CPU path's fallback).
+    -inf = keep everything (the whole row does not reach P)."""
+    if np is not None and z.device.type == "cpu":
+        n, vocab = z.shape
+        values = torch.from_numpy(_packed_descending(np.repeat(np.arange(n), vocab), z.numpy().ravel(), n))
+    else:
+        values = torch.sort(z, dim=-1, descending=True).values
+    threshold, first, _ = _sorted_thresholds(values, lse, top_p)
+    return torch.where(first < z.shape[1], threshold, float("-inf"))
+
+
+def _slow_thresholds_cpu(z: torch.Tensor, row_max: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor):
+    """Exact thresholds for rows z [n, V] the top candidates could not settle, all rows at once (numpy).
+
+    1. Rungs: a token's rung is the float32 bit pattern of 1 + depth (depth = max - z) shifted
+       right by KEY_SHIFT — monotone in the depth, so rungs are value ranges (the top rungs of a
+       row are a prefix of its descending order and never split ties). A histogram of
+       exp(-depth) over the rungs gives each row's rungs where the cumulative mass crosses
+       P - MARGIN and P + MARGIN: the band where the nucleus ends.
+    2. Tokens above the band are all kept: only the exact sum of their masses matters. Masses are
+       the reference's float32 exp(z - lse); when every one of them is >= 2^-29 each is a multiple
+       of 2^-52 and every partial sum (< 2) is exact in float64, so their sum is the same in any
+       order — the reference's sequential cumulative sum, bit for bit, without sorting them.
+    3. Only the band's tokens are sorted; the cumulative continues from that exact sum.
+    Rows where a check fails (the crossing outside the band, a mass below 2^-29) are sorted whole.
+    """
+    n, vocab = z.shape
+    zn = z.numpy()
+    shifted = np.subtract((row_max.numpy() + 1.0)[:, None], zn)  # 1 + depth, monotone in z
+    np.clip(shifted, 1.0, 1.0 + MAX_DEPTH, out=shifted)  # (the rounding of max + 1 may dip below 1)
+    keys = shifted.view(np.int32) >> KEY_SHIFT
+    keys += (np.arange(n, dtype=np.int32) * N_KEYS - KEY_FIRST)[:, None]  # row r's rungs: r * N_KEYS + rung
+    guide = np.exp(np.subtract(1.0, shifted, out=shifted), out=shifted)  # exp(-depth)
+    hist = torch.bincount(torch.from_numpy(keys).view(-1), weights=torch.from_numpy(guide).view(-1),
+                          minlength=n * N_KEYS).numpy().reshape(n, N_KEYS)
+    cumulative = hist.cumsum(-1, dtype=np.float64)
+    p = top_p.double().numpy()[:, None]
+    offsets = np.arange(n) * N_KEYS
+    low = (cumulative < (p - MARGIN) * cumulative[:, -1:]).sum(-1) + offsets  # first key of the band
+    high = np.minimum((cumulative < (p + MARGIN) * cumulative[:, -1:]).sum(-1), N_KEYS - 1) + offsets
+
+    flat = np.flatnonzero(keys <= high.astype(np.int32)[:, None])  # candidates, row-major
+    values = zn.ravel()[flat]
+    rows = flat // vocab
+    in_band = keys.ravel()[flat] >= low[rows]
+    masses = torch.exp(torch.from_numpy(values) - lse[torch.from_numpy(rows)]).numpy()
+    above = ~in_band
+    base = np.bincount(rows[above], weights=masses[above].astype(np.float64), minlength=n)
+    small_above = np.bincount(rows[above], weights=masses[above] < 2.0**-29, minlength=n) > 0
+
+    band = torch.from_numpy(_packed_descending(rows[in_band], values[in_band], n))
+    base_t = torch.from_numpy(base)
+    threshold, first, crossing_mass = _sorted_thresholds(band, lse, top_p, base_t)
+    band_counts = torch.from_numpy(np.bincount(rows[in_band], minlength=n))
+    ok = ((first < band_counts) & (base_t.float() < top_p) & (crossing_mass >= 2.0**-29)
+          & ~torch.from_numpy(small_above))
+    if not bool(ok.all()):
+        redo = (~ok).nonzero().squeeze(-1)
+        threshold[redo] = _full_sort_thresholds(z[redo], lse[redo], top_p[redo])
+    return threshold
 
 
 def _slow_thresholds(z: torch.Tensor, row_max: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Exact thresholds for rows z [n, V] that the top candidates could not settle (all at once).
-
-    A token's rung is the float32 bit pattern of its depth max - z, shifted right by KEY_SHIFT:
-    monotone in the depth (so in -z), hence the top rungs of a row are a prefix of its descending
-    order and never split ties, and each rung spans ~3% of its depth. A histogram of exp(-depth)
-    over the rungs picks the fewest top rungs whose mass reaches P + MARGIN; only their tokens are
-    sorted. Rows where that still falls short are sorted whole. -inf = keep everything (the
-    whole row does not reach P).
-    """
-    n = z.shape[0]
-    depth = torch.sub(row_max.unsqueeze(-1), z).clamp_(max=MAX_DEPTH)
-    rung = depth.view(torch.int32) >> KEY_SHIFT
-    keys = rung + (torch.arange(n, dtype=torch.int32, device=z.device) * N_KEYS).unsqueeze(-1)
-    mass = torch.bincount(keys.view(-1), weights=depth.neg_().exp_().view(-1), minlength=n * N_KEYS)
-    cumulative = mass.view(n, N_KEYS).cumsum(-1)
-    reached = cumulative >= (top_p + MARGIN).unsqueeze(-1) * cumulative[:, -1:]
-    deepest = torch.where(reached.any(-1), reached.to(torch.int8).argmax(-1), N_KEYS - 1).to(torch.int32)
-    threshold, ok = _sorted_thresholds(z, lse, top_p, rung <= deepest.unsqueeze(-1))
-    if not bool(ok.all()):
-        redo = (~ok).nonzero().squeeze(-1)
-        whole = torch.ones_like(z[redo], dtype=torch.bool)
-        full, full_ok = _sorted_thresholds(z[redo], lse[redo], top_p[redo], whole)
-        threshold[redo] = torch.where(full_ok, full, float("-inf"))  # never reaching P: keep all
-    return threshold
+    """Exact thresholds for rows z [n, V] (float32) that the top candidates could not settle."""
+    if np is not None and z.device.type == "cpu":
+        return _slow_thresholds_cpu(z, row_max, lse, top_p)
+    return _full_sort_thresholds(z, lse, top_p)
 
 
 def nucleus_from_stats(

@@ -147,31 +147,50 @@ def test_real_logits_at_realistic_top_p(smollm2_logits, temperature):
     assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
 
 
-def test_slow_path_fallback_to_whole_rows(monkeypatch):
-    """A margin that undershoots makes the chosen rungs miss P: those rows are sorted whole."""
+def _spy_full_sorts(monkeypatch):
     import heads.nucleus as nucleus
 
-    calls = []
-    original = nucleus._sorted_thresholds
+    rows = []
+    original = nucleus._full_sort_thresholds
 
-    def spy(z, lse, top_p, candidates):
-        calls.append(bool(candidates.all()))
-        return original(z, lse, top_p, candidates)
+    def spy(z, lse, top_p):
+        rows.append(z.shape[0])
+        return original(z, lse, top_p)
 
+    monkeypatch.setattr(nucleus, "_full_sort_thresholds", spy)
+    return rows
+
+
+def test_slow_path_falls_back_to_whole_rows(monkeypatch):
+    """A margin that misplaces the band sends every slow row to the whole-row sort: still exact."""
+    import heads.nucleus as nucleus
+
+    sorted_rows = _spy_full_sorts(monkeypatch)
     monkeypatch.setattr(nucleus, "MARGIN", -0.3)
-    monkeypatch.setattr(nucleus, "_sorted_thresholds", spy)
     g = torch.Generator().manual_seed(7)
     z = torch.randn(6, 5000, generator=g) * 2
     p = torch.tensor([0.9, 0.95, 0.99, 0.5, 0.97, 0.999])
     assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
-    assert calls == [False, True]  # the rungs first, then the rows they could not settle, whole
+    assert sum(sorted_rows) >= 5  # the rows the 64 candidates could not settle
+
+
+def test_tiny_masses_are_summed_by_the_sort(monkeypatch):
+    """Masses below 2^-29 are not exact in an unordered float64 sum: such a row is sorted whole."""
+    sorted_rows = _spy_full_sorts(monkeypatch)
+    z = torch.full((2, 40000), -22.0)  # each p ~ 2.8e-10 < 2^-29; the tail holds ~1.1e-5
+    z[:, :3] = torch.tensor([0.0, -0.5, -1.0])
+    z[1, 3:200] = -3.0  # a row whose crossing is among ordinary masses
+    p = torch.tensor([1 - 5e-6, 0.999])
+    assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
+    assert sorted_rows == [1]  # only the first row needed the whole-row sort
 
 
 def test_slow_path_with_masked_vocabulary_and_bfloat16():
     g = torch.Generator().manual_seed(8)
     z = torch.randn(6, 8192, generator=g) * 0.5
     z[:, ::3] = float("-inf")  # e.g. a banned part of the vocabulary
-    z[5, 1:] = float("-inf")  # one live token
+    z[5] = float("-inf")
+    z[5, 4] = 1.0  # one live token
     p = torch.tensor([0.9, 0.99, 0.999, 0.95, 1 - 1e-6, 0.9])
     assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
     half = (torch.randn(4, 32768, generator=g) * 0.8).bfloat16()  # many exact ties

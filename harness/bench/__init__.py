@@ -23,6 +23,20 @@ TEXT = (
     "equations, and in the seventeenth century Newton and Leibniz invented calculus. Question: a train "
     "travels 120 kilometres in 1.5 hours. What is its average speed? Answer: the average speed is "
     "distance divided by time, so 120 / 1.5 = 80 kilometres per hour. Question: what is 17 times 23? "
+    "Answer: 17 times 20 is 340 and 17 times 3 is 51, so the product is 391. "
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp and a small "
+    "notebook in which he recorded the wind, the colour of the sea and the ships that passed the cape. In "
+    "winter the storms came from the north-west and the spray reached the gallery windows; in summer the "
+    "fishing boats returned late, their decks crowded with gulls. Nobody in the village could remember a "
+    "night when the light had failed. Bread dough needs flour, water, salt and yeast; knead it for ten "
+    "minutes, let it rise in a warm place until it doubles, shape it gently and bake it in a hot oven until "
+    "the crust sounds hollow when tapped. Rivers carry sediment from the mountains to the plains, and over "
+    "thousands of years the deposits build fertile deltas where farmers grow rice, wheat and cotton. The "
+    "committee met on Tuesday to discuss the new library budget, the repairs to the school roof and a "
+    "proposal to plant trees along the main road; after a long debate the members agreed to postpone the "
+    "vote until the spring. A rectangle is 12 centimetres long and 5 centimetres wide, so its area is 60 "
+    "square centimetres and its diagonal, by Pythagoras, is 13 centimetres. Maria bought three notebooks at "
+    "2.50 euros each and a pen for 1.20 euros; she paid with a ten-euro note and received 1.30 euros in change. "
 )
 
 
