@@ -79,13 +79,13 @@ def top_candidates(z: torch.Tensor, k: int, block: int = BLOCK) -> tuple[torch.T
 _local = threading.local()
 
 
-def _workspace(like: torch.Tensor) -> torch.Tensor:
-    """A per-thread scratch tensor shaped like ``like``, reused across calls.
+def _workspace(like: torch.Tensor, slot: str = "exp") -> torch.Tensor:
+    """A per-thread scratch tensor shaped like ``like``, reused across calls (one per ``slot``).
 
     Allocating (and freeing) a fresh vocabulary-sized temporary every decode step costs page
     faults that, on CPU, rival the arithmetic itself.
     """
-    key = (like.device, like.dtype)
+    key = (slot, like.device, like.dtype)
     cache = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}

@@ -18,8 +18,9 @@ Memory: direct autograd keeps ~10 tensors of [tokens, V] alive for backward (9.7
 4096 × 49152). Here a custom autograd Function walks the tokens in chunks and, in one pass,
 computes each token's loss and its exact analytic derivatives d/dT, d/dP (a token's loss
 depends only on its own T and P); backward only scales those saved scalars. Extra memory is
-O(chunk × V). Only sorted values are needed, never the permutation: the label's cumulative
-mass is a sum over the tokens ranked before it (ties broken by index, like a stable sort).
+O(chunk × V) (on CPU three such buffers stay allocated between calls). Only sorted values are
+needed, never the permutation: the label's cumulative mass is a sum over the tokens ranked
+before it (ties broken by index, like a stable sort).
 
 Kernels: ``torch`` (any device) sorts every row in full and is exact; ``numba`` (CPU, the
 default there) sorts only the head of each row — the tokens holding the first 1 - ε of the
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -421,6 +423,9 @@ def _select_kernel(name: str, device: torch.device, tail_mass: float = DEFAULT_T
     return functools.partial(_terms_numba, tail_mass=tail_mass) if name == "numba" else KERNELS[name]
 
 
+_LOCAL = threading.local()  # per thread: the CPU kernel's three [chunk, V] buffers, reused by every call
+
+
 class _ChunkedHeadLosses(torch.autograd.Function):
     """Per-token (temp CE, top-p CE, base prob) for selected rows of a frozen [N, V] logits matrix.
 
@@ -432,7 +437,7 @@ class _ChunkedHeadLosses(torch.autograd.Function):
     def forward(ctx, temperature, top_p, logits2d, rows, labels, alpha, eps, chunk, terms):
         n = rows.numel()
         buffers = torch.zeros(6, n, dtype=torch.float32)
-        workspace: dict = {}
+        workspace = _LOCAL.__dict__.setdefault("buffers", {})  # fresh [chunk, V] buffers each step: page faults
         t32 = temperature.detach().float().cpu()
         p32 = top_p.detach().float().cpu() if top_p is not None else None
         for start in range(0, n, chunk):
