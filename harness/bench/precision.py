@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from harness.backends import Request, get_backend, parse_options
 from harness.bench import write_result
 from harness.bench.engine import decode_vs_bound, read_bandwidth
@@ -78,8 +76,8 @@ def run(args) -> int:
         check = accuracy_check(task, docs, texts["float32"], texts["bfloat16"])
         speed = decode["bfloat16"]["tokens_per_second"] / decode["float32"]["tokens_per_second"]
         result["backends"][name] = {"decode": decode, "speed_ratio": speed, "accuracy_check": check}
-    print(f"bench precision: {args.model}, decode at batch {args.batch} ({args.new_tokens} tokens, {torch.get_num_threads()} "
-          f"threads); greedy on {len(docs)} {args.task} problems")
+    print(f"bench precision: {args.model}, decode at batch {args.batch} ({args.new_tokens} tokens); greedy on "
+          f"{len(docs)} {args.task} problems")
     for name, row in result["backends"].items():
         check = row["accuracy_check"]
         goal = f" (goal >= {SPEED_GOAL})" if name == "vllm" else ""
