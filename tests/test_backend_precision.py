@@ -67,8 +67,8 @@ def test_static_cache_equals_dynamic_cache(autodeco_heads):
     string give the same completions and traces with the pre-allocated cache and the growing one."""
     backends = {cache: get_backend("hf", str(autodeco_heads), dtype="float32", cache=cache)
                 for cache in ("static", "dynamic")}
-    assert backends["static"].cache_implementation(300) == "static"
-    assert backends["dynamic"].cache_implementation(300) is None
+    assert backends["static"].cache_implementation() == "static"
+    assert backends["dynamic"].cache_implementation() is None
     tok = backends["static"].tokenizer
 
     def prompt_of(question):
@@ -87,13 +87,16 @@ def test_static_cache_equals_dynamic_cache(autodeco_heads):
                 assert a.top_ps == pytest.approx(b.top_ps, abs=1e-5)
 
 
-def test_auto_cache_only_for_short_sequences(smollm2_path):
-    from harness.backends.hf import STATIC_MAX_TOKENS
-
+def test_cache_and_attention_choices(smollm2_path):
     backend = get_backend("hf", str(smollm2_path), dtype="float32")
     assert backend.static_ok  # Llama: transformers' StaticCache supports it
-    assert backend.cache_implementation(STATIC_MAX_TOKENS) == "static"
-    assert backend.cache_implementation(STATIC_MAX_TOKENS + 1) is None
+    assert backend.cache_implementation() is None  # auto: the dynamic cache (measured faster here)
+    assert backend.model.config._attn_implementation == "sdpa"
+    bf16 = get_backend("hf", str(smollm2_path), dtype="bfloat16", cache="static")
+    assert bf16.cache_implementation() == "static"
+    assert bf16.model.config._attn_implementation == "eager"  # torch's bf16 SDPA is slow on CPU
+    with pytest.raises(BackendError, match="unknown attention"):
+        get_backend("hf", str(smollm2_path), attention="flash")
 
 
 def test_autodeco_heads_stay_float32_on_a_bf16_base(autodeco_heads):

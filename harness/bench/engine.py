@@ -209,7 +209,7 @@ def _hf_decode(backend, prompt: list[int], batch: int):
             start = time.perf_counter()
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
                            top_k=0, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
-                           cache_implementation=backend.cache_implementation(len(prompt) + n))
+                           cache_implementation=backend.cache_implementation())
             return time.perf_counter() - start
 
     base = model.llm if backend.is_autodeco else model

@@ -142,12 +142,16 @@ def _hf_child(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.backends.dtype import torch_dtype
+    from harness.backends.hf import default_attention
     from heads.checkpoint import head_tensors
     from heads.model import AutoDecoModelForCausalLM, decode
     from heads.nucleus import _cutoff, logit_stats, nucleus_from_stats
 
     torch.set_num_threads(spec["threads"])
-    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch_dtype(spec["dtype"])).eval()
+    dtype = torch_dtype(spec["dtype"])
+    attention = default_attention(dtype, "cpu")  # as the hf backend loads it
+    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=dtype,
+                                                **({"attn_implementation": attention} if attention else {})).eval()
     model = AutoDecoModelForCausalLM.from_base(base).eval()
     tokenizer = AutoTokenizer.from_pretrained(spec["base"])
     prompts = torch.tensor(natural_rows(tokenizer, spec["batch"], spec["context"]))
