@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.utils import ModelOutput
 
 from .modules import TempHead, TopPHead, features_from_stats
-from .nucleus import logit_stats, nucleus_from_stats
+from .nucleus import _workspace, logit_stats, nucleus_from_stats
 
 HEAD_PREFIXES = ("temp_head.", "top_p_head.")
 FEATURE_BLOCK = 1 << 24  # logits per float32 block when computing the top-p head's features
@@ -169,7 +169,8 @@ def block_features(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Ten
     out = []
     for start in range(0, logits.shape[0], rows):
         t = temperature[start : start + rows].float().clamp_min(1e-6).unsqueeze(-1)
-        z = logits[start : start + rows].float() / t  # a new tensor: the caller's logits stay intact
+        block = logits[start : start + rows].float()
+        z = torch.div(block, t, out=_workspace(block, "scaled"))  # a reused buffer; the logits stay intact
         out.append(features_from_stats(logit_stats(z, moments=True)))
     return torch.cat(out) if out else logits.new_zeros((0, 4), dtype=torch.float32)
 
@@ -316,11 +317,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, base_model=base)
         if not head_keys:
             raise CheckpointError(f"no temp_head.*/top_p_head.* tensors in {folder} ({[f.name for f in files]})")
+        # The heads stay float32 whatever the base's dtype (tiny; the vLLM plugin does the same).
         model.load_heads({k: _read_tensor(keys[k], k) for k in head_keys}, source=str(folder))
-        dtype = base_kwargs.get("dtype", base_kwargs.get("torch_dtype"))
-        if isinstance(dtype, torch.dtype):
-            model.temp_head.to(dtype)
-            model.top_p_head.to(dtype)
         return model.eval()
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:

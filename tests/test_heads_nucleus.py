@@ -114,3 +114,86 @@ def test_distribution_features_match_definitions():
     got = distribution_features(logits, temperature)
     assert got.shape == (2, 5, 4)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The vectorised slow path (rows the 64 top candidates cannot settle): real next-token logits at
+# the P where trained heads live, the whole-row fallback, -inf logits, mixed keep-all rows.
+
+@pytest.fixture(scope="module")
+def smollm2_logits(smollm2_path, n=40):
+    """SmolLM2's next-token logits at n positions of natural text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path
+    text = ("The history of mathematics spans thousands of years. Early civilizations developed "
+            "arithmetic and geometry for trade and astronomy. Question: a train travels 120 kilometres "
+            "in 1.5 hours. What is its average speed? Answer: 120 / 1.5 = 80 kilometres per hour.")
+    ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt").input_ids[:, :n]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits[0]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
+def test_real_logits_at_realistic_top_p(smollm2_logits, temperature):
+    z = smollm2_logits / temperature
+    for top_p in (0.8, 0.9, 0.95, 0.99, 0.999):
+        p = torch.full((z.shape[0],), top_p)
+        assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p)), top_p
+    g = torch.Generator().manual_seed(6)
+    p = 0.75 + 0.25 * torch.rand(z.shape[0], generator=g)  # per-row P, some of them 1
+    p[::7] = 1.0
+    assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
+
+
+def _spy_full_sorts(monkeypatch):
+    import heads.nucleus as nucleus
+
+    rows = []
+    original = nucleus._full_sort_thresholds
+
+    def spy(z, lse, top_p):
+        rows.append(z.shape[0])
+        return original(z, lse, top_p)
+
+    monkeypatch.setattr(nucleus, "_full_sort_thresholds", spy)
+    return rows
+
+
+def test_slow_path_falls_back_to_whole_rows(monkeypatch):
+    """A margin that misplaces the band sends every slow row to the whole-row sort: still exact."""
+    import heads.nucleus as nucleus
+
+    sorted_rows = _spy_full_sorts(monkeypatch)
+    monkeypatch.setattr(nucleus, "MARGIN", -0.3)
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 5000, generator=g) * 2
+    p = torch.tensor([0.9, 0.95, 0.99, 0.5, 0.97, 0.999])
+    assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
+    assert sum(sorted_rows) >= 5  # the rows the 64 candidates could not settle
+
+
+def test_tiny_masses_are_summed_by_the_sort(monkeypatch):
+    """Masses below 2^-29 are not exact in an unordered float64 sum: such a row is sorted whole."""
+    sorted_rows = _spy_full_sorts(monkeypatch)
+    z = torch.full((2, 40000), -22.0)  # each p ~ 2.8e-10 < 2^-29; the tail holds ~1.1e-5
+    z[:, :3] = torch.tensor([0.0, -0.5, -1.0])
+    z[1, 3:200] = -3.0  # a row whose crossing is among ordinary masses
+    p = torch.tensor([1 - 5e-6, 0.999])
+    assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
+    assert sorted_rows == [1]  # only the first row needed the whole-row sort
+
+
+def test_slow_path_with_masked_vocabulary_and_bfloat16():
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(6, 8192, generator=g) * 0.5
+    z[:, ::3] = float("-inf")  # e.g. a banned part of the vocabulary
+    z[5] = float("-inf")
+    z[5, 4] = 1.0  # one live token
+    p = torch.tensor([0.9, 0.99, 0.999, 0.95, 1 - 1e-6, 0.9])
+    assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
+    half = (torch.randn(4, 32768, generator=g) * 0.8).bfloat16()  # many exact ties
+    p = torch.tensor([0.8, 0.9, 0.99, 0.999])
+    want = sorted_reference(half.float(), p).bfloat16()
+    assert torch.equal(nucleus_filter(half, p), want)

@@ -231,3 +231,119 @@ def test_bad_input_is_rejected():
         autodeco_loss(logits, temperature, top_p, bad)
     with pytest.raises(ValueError, match="unknown kernel"):
         autodeco_loss(logits, temperature, top_p, labels, kernel="cuda-magic")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel's truncated sort: only the head (first 1 - ε of the mass) is ordered; the tail
+# shares one mask. Checked against the exact per-token loss (float64 autograd of the formula).
+
+def _exact_per_token(logits, labels, temperature, top_p, alpha=30.0):
+    """Per-token top-p CE and its d/dT, d/dP in float64 (direct autograd; each token's CE
+    depends only on its own T and P, so the gradient of the sum holds the per-token derivatives)."""
+    t = temperature.double().clone().requires_grad_()
+    p = top_p.double().clone().requires_grad_()
+    soft = soft_top_p_probs(logits.double(), t, p, alpha=alpha)
+    ce = -torch.log(soft.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+    ce.sum().backward()
+    return ce.detach(), t.grad, p.grad
+
+
+def _kernel_per_token(logits, labels, temperature, top_p, tail_mass, alpha=30.0):
+    from heads.training.loss import _terms_numba
+
+    rows = torch.arange(logits.shape[0])
+    terms = _terms_numba(logits.float(), rows, labels, temperature.float(), top_p.float(), alpha, 1e-9, {},
+                         tail_mass=tail_mass)
+    return terms[2].double(), terms[3].double(), terms[4].double()
+
+
+def _lm_rows(smollm2_path, n=48):
+    """Real next-token logits of SmolLM2 on natural text (the distributions training sees)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = ("The history of mathematics spans thousands of years. Early civilizations developed "
+            "arithmetic and geometry for trade and astronomy. Question: what is 17 times 23? Answer: "
+            "17 times 23 is 391, because 17 times 20 is 340 and 17 times 3 is 51.")
+    ids = AutoTokenizer.from_pretrained(smollm2_path)(text, return_tensors="pt").input_ids[:, :n]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    return logits, ids[0, 1:]
+
+
+def _tail_bounds(logits, temperature, top_p, tail_mass, alpha=30.0):
+    """The docstring's bounds per token, with δ the actual tail mass (<= tail_mass):
+    |Δ CE| <= b = α²δ³/(8(1-δ)); |Δ d/dP| <= 2αb; |Δ d/dT| <= (3/2)α²δ²γ/(1-δ) + (1+α) R/T · b,
+    γ = Σ_tail |dp/dT|, R = max |z - z̄| (which bounds |∂T log S| / (1+α) · T)."""
+    t = temperature.double().unsqueeze(-1)
+    z = logits.double() / t
+    probs = torch.softmax(z, -1)
+    z_bar = (probs * z).sum(-1, keepdim=True)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    cumulative = sorted_probs.cumsum(-1)
+    target = torch.maximum(torch.full_like(top_p.double(), 1 - tail_mass), (1 + top_p.double()) / 2)
+    cut = (cumulative < target.unsqueeze(-1)).sum(-1, keepdim=True)  # index of the first c >= target
+    delta = (1 - cumulative.gather(-1, cut.clamp(max=logits.shape[-1] - 1))).squeeze(-1).clamp_min(0)
+    assert (delta <= tail_mass + 1e-6).all()
+    g = (sorted_probs * (z.gather(-1, order) - z_bar)).abs() / t
+    in_tail = torch.arange(logits.shape[-1]) > cut
+    gamma = (g * in_tail).sum(-1)
+    spread = (z - z_bar).abs().amax(-1) / t.squeeze(-1)
+    loss_bound = alpha**2 * delta**3 / (8 * (1 - delta))
+    t_bound = 1.5 * alpha**2 * delta**2 * gamma / (1 - delta) + (1 + alpha) * spread * loss_bound
+    return loss_bound, 2 * alpha * loss_bound, t_bound
+
+
+@pytest.mark.parametrize("tail_mass", [1e-3, 0.02])
+def test_truncated_kernel_within_its_bound_on_real_logits(smollm2_path, tail_mass):
+    logits, labels = _lm_rows(smollm2_path)
+    gen = torch.Generator().manual_seed(8)
+    n = logits.shape[0]
+    temperature = torch.rand(n, generator=gen) * 1.2 + 0.4
+    top_p = torch.tensor([0.3, 0.8, 0.9, 0.95, 0.99, 0.999])[torch.arange(n) % 6]
+    ce, d_t, d_p = _exact_per_token(logits, labels, temperature, top_p)
+    got, got_t, got_p = _kernel_per_token(logits, labels, temperature, top_p, tail_mass)
+    loss_bound, p_bound, t_bound = _tail_bounds(logits, temperature, top_p, tail_mass)
+    # plus float32 rounding (the kernel's logits and exps are float32)
+    assert ((got - ce).abs() <= loss_bound + 2e-5 * (1 + ce.abs())).all()
+    assert ((got_p - d_p).abs() <= p_bound + 2e-4 * (1 + d_p.abs())).all()
+    assert ((got_t - d_t).abs() <= t_bound + 2e-4 * (1 + d_t.abs())).all()
+    if tail_mass > 0.01:  # the approximation acts (differs from exact by more than rounding) ...
+        assert (got - ce).abs().max() > 1e-5
+    else:  # ... and at the default it is below float32 rounding
+        torch.testing.assert_close(got, ce, rtol=2e-5, atol=2e-6)
+
+
+def test_truncated_kernel_flat_rows_and_p_near_one():
+    """Flat rows (the head is most of the vocabulary), P close to and at 1, tail_mass 0 = exact."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.cat([torch.randn(4, 3000, generator=gen) * s for s in (0.05, 1.0, 4.0)])
+    labels = torch.randint(0, 3000, (12,), generator=gen)
+    temperature = torch.rand(12, generator=gen) + 0.5
+    top_p = torch.tensor([0.5, 0.99, 0.9995, 1 - 1e-10] * 3)
+    ce, d_t, d_p = _exact_per_token(logits, labels, temperature, top_p)
+    for tail_mass in (0.0, 1e-3):
+        got, got_t, got_p = _kernel_per_token(logits, labels, temperature, top_p, tail_mass)
+        torch.testing.assert_close(got, ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_t, d_t, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_p, d_p, rtol=1e-4, atol=1e-5)
+
+
+def test_truncated_kernel_gradients_are_its_own_derivatives():
+    """With a large tail the kernel's d/dT, d/dP are the exact derivatives of its own (approximate)
+    loss: central differences of the kernel's values agree."""
+    gen = torch.Generator().manual_seed(10)
+    logits = (torch.randn(6, 2000, generator=gen) * 2.5).double()
+    labels = torch.randint(0, 2000, (6,), generator=gen)
+    temperature = torch.rand(6, generator=gen).double() + 0.6
+    top_p = torch.tensor([0.6, 0.8, 0.9, 0.95, 0.97, 0.9]).double()
+    _, got_t, got_p = _kernel_per_token(logits, labels, temperature, top_p, 0.05)
+    h = 1e-3
+    for which, grad in (("t", got_t), ("p", got_p)):
+        values = []
+        for sign in (1, -1):
+            t = temperature + (sign * h if which == "t" else 0)
+            p = top_p + (sign * h if which == "p" else 0)
+            values.append(_kernel_per_token(logits, labels, t, p, 0.05)[0])
+        numeric = (values[0] - values[1]) / (2 * h)
+        torch.testing.assert_close(grad, numeric, rtol=2e-2, atol=2e-3)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
+from harness.backends.dtype import resolve_dtype
 from harness.backends.vllm_dp import DataParallelLLM
 from harness.decoding import PROCESSORS
 from harness.models import is_autodeco, read_config
@@ -110,8 +111,8 @@ def engine_kwargs(
     """``vllm.LLM`` keyword arguments: sensible on CPU (eager, small KV cache, whole-prompt prefill)."""
     from vllm.platforms import current_platform
 
-    if dtype == "auto" and current_platform.is_cpu():
-        dtype = "float32"  # as the HF backend on CPU; bf16 is emulated (slow) on CPUs without AVX512-BF16
+    if current_platform.is_cpu():
+        dtype = resolve_dtype(dtype, "cpu")  # auto: bf16 where the CPU has it natively (AVX512-BF16/AMX), else fp32
     kwargs = dict(
         model=model,
         dtype=dtype,

@@ -17,6 +17,8 @@ import copy
 import statistics
 import time
 
+from harness.bench import natural_rows
+
 
 def _timed(fn, *args, **kwargs) -> float:
     start = time.perf_counter()
@@ -36,33 +38,19 @@ def _median_ms(fn, repeats: int = 20) -> float:
     return 1e3 * statistics.median(_timed(fn) for _ in range(repeats))
 
 
-TEXT = (
-    "The history of mathematics spans thousands of years. Early civilizations such as the Babylonians "
-    "and the Egyptians developed arithmetic and geometry for trade, astronomy and construction. Greek "
-    "mathematicians introduced deductive proof; Euclid's Elements organised geometry from a few axioms. "
-    "In India the decimal place-value system and the number zero took shape, and scholars in Baghdad "
-    "wrote the first treatises on algebra. During the Renaissance, European mathematicians solved cubic "
-    "equations, and in the seventeenth century Newton and Leibniz invented calculus. Question: a train "
-    "travels 120 kilometres in 1.5 hours. What is its average speed? Answer: the average speed is "
-    "distance divided by time, so 120 / 1.5 = 80 kilometres per hour. Question: what is 17 times 23? "
-)
-
-
 def _prompts(path: str, batch: int, context: int):
     """Natural-text prompts (random tokens give unnaturally flat next-token distributions)."""
     import torch
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(path)(TEXT).input_ids
-    ids = (ids * (1 + (context + batch * 7) // len(ids)))
-    return torch.tensor([ids[7 * row : 7 * row + context] for row in range(batch)])
+    return torch.tensor(natural_rows(AutoTokenizer.from_pretrained(path), batch, context))
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from harness.models import resolve_model
-    from heads.model import AutoDecoModelForCausalLM
+    from heads.model import AutoDecoModelForCausalLM, decode
     from heads.nucleus import logit_stats, nucleus_filter_sorted, nucleus_from_stats
 
     if args.threads:
@@ -119,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
         naive = _median_ms(lambda: nucleus_filter_sorted(z, top_p), repeats=5)
 
         def everything():  # heads, features, ÷T and nucleus: all AutoDeco adds to a step
-            t, p, zz, stats = model._heads(out.hidden, out.base_logits, need_stats=True)
-            model._dynamic_logits(out.base_logits, t, p, zz, stats)
+            decode(model.temp_head, model.top_p_head, out.hidden, out.base_logits, use_temperature=True,
+                   use_top_p=True)
 
         total = _median_ms(everything)
     print(f"per decode step (base step ≈ {step_ms:.1f} ms): exact nucleus {fast:.2f} ms "

@@ -2,7 +2,10 @@
 
 - overhead: median wall time of a full `evaluate` (plan, store, grading, files) over the
   backend's raw ``generate`` on the same requests (target <= 1.05), interleaved repeats.
-- backends: generated tokens per second of each backend on the same requests.
+- backends: generated tokens per second of each backend on the same requests; then each engine's
+  decode at a fixed batch (no EOS, prefill subtracted) against the memory-bandwidth bound: a decode
+  step reads every weight and the KV cache once, so tokens/s <= batch x read bandwidth / bytes per
+  step, with the bandwidth measured here (a large ``torch.sum``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from harness.backends import get_backend, parse_options
 from harness.bench import write_result
@@ -97,24 +102,139 @@ def overhead(args) -> int:
 
 
 def backends(args) -> int:
-    """Generated tokens per second of each backend on the same requests (16 samples per problem)."""
+    """Generated tokens per second of each backend on the same requests (16 samples per problem), then
+    each engine's fixed-shape decode against the memory-bandwidth bound measured on this machine."""
     tasks, spec = _setup(args, args.samples)
+    options = parse_options(args.backend_arg)
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 1 GiB, "
+          f"{torch.get_num_threads()} threads)", file=sys.stderr)
     rows = {}
     for name in args.backends.split(","):
-        backend = get_backend(name, spec.model_path)
+        backend = get_backend(name, spec.model_path, **options)
         requests = build_requests(plan(tasks, backend.tokenizer, spec), spec)
         start = time.perf_counter()
         tokens = sum(c.n_tokens for c in backend.generate(requests))
         seconds = time.perf_counter() - start
-        backend.close()
         rows[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
         print(f"{name:>6}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} tok/s", file=sys.stderr)
+        prompt = backend.tokenizer(requests[0].prompt, add_special_tokens=False).input_ids
+        rows[name]["decode"] = decode_vs_bound(backend, prompt, args.decode_batch, args.decode_tokens, bandwidth)
+        backend.close()
     names = list(rows)
     result = {"bench": "backends", "model": spec.model_name, "task": args.task, "samples": args.samples,
-              "limit": args.limit, "max_tokens": args.max_tokens, "decoding": spec.preset.key, "backends": rows}
+              "limit": args.limit, "max_tokens": args.max_tokens, "decoding": spec.preset.key, "backends": rows,
+              "read_bandwidth_bytes_per_second": bandwidth, "backend_options": options}
+    print(f"throughput on {args.task} ({args.samples} samples per problem, EOS stops rows):")
+    for name, row in rows.items():
+        print(f"  {name:>6}: {row['tokens_per_second']:.1f} tok/s")
     if len(names) == 2:
         ratio = rows[names[0]]["tokens_per_second"] / rows[names[1]]["tokens_per_second"]
         result["ratio"] = ratio
-        print(f"throughput {names[0]} / {names[1]} = {ratio:.2f}")
+        print(f"  {names[0]} / {names[1]} = {ratio:.2f}")
+    print(f"decode at batch {args.decode_batch} ({args.decode_tokens} tokens, no EOS, prefill subtracted) "
+          f"against the bandwidth bound ({bandwidth / 1e9:.1f} GB/s read):")
+    for name, row in rows.items():
+        d = row["decode"]
+        print(f"  {name:>6} {d['dtype']:>8}: {d['tokens_per_second']:.1f} tok/s; bound {d['bound_tokens_per_second']:.1f} "
+              f"tok/s ({d['bytes_per_step'] / 1e6:.0f} MB read per step: weights {d['weight_bytes'] / 1e6:.0f} MB + "
+              f"KV cache {d['kv_bytes_per_step'] / 1e6:.0f} MB); fraction {d['fraction_of_bound']:.3f}")
     write_result(args.out, "bench_backends.json", result)
     return 0
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second that ``torch.sum`` reads from memory (best of ``repeats``, all torch threads):
+    the ceiling of a decode step, which reads every weight and the KV cache once."""
+    data = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    data.sum()  # touch every page
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def decode_bytes(config, weight_bytes: int, kv_element: int, batch: int, context: float) -> tuple[float, float]:
+    """(weight bytes, KV-cache bytes) one decode step reads at ``batch`` rows of ``context`` tokens."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv = 2 * text.num_hidden_layers * kv_heads * head_dim * context * batch * kv_element
+    return float(weight_bytes), float(kv)
+
+
+def model_weight_bytes(model, element: int | None = None) -> int:
+    """Bytes of the weights a decode step reads: every parameter once (tied ones once), except an
+    untied input embedding (a step reads only its batch's rows of it). ``element``: bytes per value
+    (default: each parameter's own)."""
+    size = lambda p: p.numel() * (element or p.element_size())  # noqa: E731
+    total = sum(size(p) for p in model.parameters())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and embed is not None and embed.weight is not head.weight:
+        total -= size(embed.weight)
+    return total
+
+
+def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwidth: float) -> dict:
+    """A fixed-shape decode (``batch`` copies of ``prompt``, exactly ``tokens`` new tokens, default
+    sampling) on the backend's own engine; decode tok/s = batch x (tokens - 1) / (t(tokens) - t(1))."""
+    if backend.name == "vllm":
+        run, weight_bytes, dtype, config = _vllm_decode(backend, prompt, batch)
+    else:
+        run, weight_bytes, dtype, config = _hf_decode(backend, prompt, batch)
+    run(2)  # warm-up
+    one = min(run(1) for _ in range(2))
+    full = min(run(tokens) for _ in range(2))
+    tps = batch * (tokens - 1) / max(full - one, 1e-9)
+    element = torch.finfo(getattr(torch, dtype)).bits // 8
+    weights, kv = decode_bytes(config, weight_bytes, element, batch, len(prompt) + tokens / 2)
+    bound = batch * bandwidth / (weights + kv)
+    return {"batch": batch, "new_tokens": tokens, "prompt_tokens": len(prompt), "dtype": dtype,
+            "seconds_one_token": one, "seconds_all_tokens": full, "tokens_per_second": tps,
+            "weight_bytes": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv,
+            "bound_tokens_per_second": bound, "fraction_of_bound": tps / bound}
+
+
+def _hf_decode(backend, prompt: list[int], batch: int):
+    model = backend.model
+    if backend.is_autodeco:
+        model.set_decoding(False, False)  # the base's step: the bound is about the base model
+    ids = torch.tensor([prompt] * batch, device=backend.device)
+
+    def run(n: int) -> float:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
+                           top_k=0, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
+                           cache_implementation=backend.cache_implementation())
+            return time.perf_counter() - start
+
+    base = model.llm if backend.is_autodeco else model
+    return run, model_weight_bytes(base), str(base.dtype).removeprefix("torch."), base.config
+
+
+def _vllm_decode(backend, prompt: list[int], batch: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    llm = backend.llm
+    if backend.is_autodeco:
+        llm.collective_rpc("autodeco_set_decoding", args=(False, False))
+    requests = [{"prompt_token_ids": prompt}] * batch
+
+    def run(n: int) -> float:
+        params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=i, max_tokens=n, ignore_eos=True)
+                  for i in range(batch)]
+        start = time.perf_counter()
+        llm.generate(requests, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    config = AutoConfig.from_pretrained(backend.engine_path)
+    with torch.device("meta"):  # the parameter count without loading the weights again
+        shapes = AutoModelForCausalLM.from_config(config)
+    element = torch.finfo(getattr(torch, dtype)).bits // 8
+    return run, model_weight_bytes(shapes, element), dtype, config

@@ -65,13 +65,47 @@ def _engine_common(p: argparse.ArgumentParser, samples: int, max_tokens: int) ->
     p.add_argument("--out", help="write the measurement as JSON into this folder")
 
 
+def _items(text: str, kind, what: str) -> list:
+    try:
+        values = [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one of {what}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    values = _items(text, float, "numbers in (0, 1)")
+    if not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"every top-p must be in (0, 1), got {text!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    values = _items(text, int, "positive integers")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every thread count must be >= 1, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    values = _items(text, str.strip, "names")
+    unknown = [v for v in values if v not in ("hf", "vllm")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from hf, vllm")
+    return values
+
+
 def register(subparsers) -> None:
     """Add `bench` and its benchmarks to the `autodeco` parser."""
     parent = subparsers.add_parser("bench", help="benchmarks that print measured ratios (speed, memory)")
     bench_subparsers = parent.add_subparsers(dest="bench", metavar="<benchmark>")
     parent.set_defaults(func=lambda args: parent.print_help() or 2)
     _decode(bench_subparsers)
+    _nucleus(bench_subparsers)
     _engine(bench_subparsers)
+    _precision(bench_subparsers)
     _training(bench_subparsers)
     _efficiency(bench_subparsers)
     _grading(bench_subparsers)
@@ -96,6 +130,50 @@ def _decode(bench_subparsers) -> None:
     bench.set_defaults(func=_run("decode:run"))
 
 
+def _nucleus(bench_subparsers) -> None:
+    bench = bench_subparsers.add_parser(
+        "nucleus", help="AutoDeco / default sampling with the top-p head forced to realistic P (goal <= 1.01)",
+        description="Heads forced to T = 1 and each P of --top-ps (and, with --heads, a trained checkpoint's own "
+        "T and P), SmolLM2's real logits from natural-text prompts; per engine and thread count a child process "
+        "times AutoDeco sampling against default sampling (interleaved repeats, median ratio) and, on hf, the "
+        "exact nucleus alone per step.",
+    )
+    bench.add_argument("--model", default="smollm2", help="base model (the heads are written for it)")
+    bench.add_argument("--top-ps", type=_floats, default=[0.8, 0.9, 0.95, 0.99], help="forced P values (default "
+                       "0.8,0.9,0.95,0.99)")
+    bench.add_argument("--heads", help="a trained AutoDeco checkpoint of the same base (e.g. outputs/demo/train/final): "
+                       "adds its own T and P as a setting")
+    bench.add_argument("--backends", type=_names, default=["hf", "vllm"], help="hf,vllm (default both)")
+    bench.add_argument("--threads", type=_ints, default=[1, 2], help="thread counts (default 1,2)")
+    bench.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it natively), float32, bfloat16")
+    bench.add_argument("--batch-size", type=int_at_least(1, 4096), default=16)
+    bench.add_argument("--context", type=int_at_least(1, MAX_TOKENS), default=256, help="prompt length in tokens")
+    bench.add_argument("--new-tokens", type=int_at_least(1, MAX_TOKENS), default=32, help="generated tokens per sequence")
+    bench.add_argument("--repeats", type=int_at_least(1, 4096), default=5, help="interleaved repeats (median reported)")
+    bench.add_argument("--seed", type=int_at_least(0), default=0)
+    bench.add_argument("--out", help="write bench_nucleus.json into this folder")
+    bench.set_defaults(func=_run("nucleus:run"))
+
+
+def _precision(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "precision", help="bf16 / fp32 decode speed per engine and the greedy accuracy check (goal >= 1.4 on vllm)",
+        description="One engine per dtype and backend: a fixed-shape decode (no EOS, prefill subtracted) and "
+        "greedy on the demo's held-out problems; prints the speed ratio and whether bf16 passes the accuracy "
+        "check (accuracy within 12.5 points of fp32's, the same verdict on >= 80% of the problems).")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--backends", default="vllm,hf", help="comma-separated backends (default vllm,hf)")
+    p.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every backend (its dtype is set per run)")
+    p.add_argument("--task", default="arith")
+    p.add_argument("--limit", type=int_at_least(1, MAX_PROBLEMS), default=16, help="problems for the accuracy check (default 16, as the demo)")
+    p.add_argument("--max-tokens", type=int_at_least(1, MAX_TOKENS), default=128, help="greedy budget per problem (default 128)")
+    p.add_argument("--batch", type=int_at_least(1, 4096), default=16, help="rows of the decode measurement (default 16)")
+    p.add_argument("--new-tokens", type=int_at_least(1, MAX_TOKENS), default=64, help="tokens of the decode measurement (default 64)")
+    p.add_argument("--out", help="write bench_precision.json into this folder")
+    p.set_defaults(func=_run("precision:run"))
+
+
 def _engine(bench_subparsers) -> None:
     o = bench_subparsers.add_parser("overhead", help="wall time of a full eval / raw backend generate (target <= 1.05)")
     _engine_common(o, samples=4, max_tokens=32)
@@ -104,10 +182,20 @@ def _engine(bench_subparsers) -> None:
     o.add_argument("--repeats", type=int_at_least(1, 1000), default=3)
     o.set_defaults(func=_run("engine:overhead"))
 
-    b = bench_subparsers.add_parser("backends", help="throughput of vllm vs hf on the same requests")
+    b = bench_subparsers.add_parser(
+        "backends", help="throughput of vllm vs hf on the same requests, and decode vs the memory-bandwidth bound",
+        description="Tokens/s of each backend on the same eval requests; then each engine decodes a fixed batch "
+        "(no EOS, prefill subtracted) and is compared with the bound batch x read bandwidth / bytes per step "
+        "(weights + KV cache), the bandwidth measured on this machine. Prints the bound and the fraction reached.")
     _engine_common(b, samples=16, max_tokens=64)
     b.add_argument("--backends", type=_backend_names, default="vllm,hf",
                    help="comma-separated backends (default vllm,hf)")
+    b.add_argument("--backend-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every backend, e.g. dtype=float32 or cache=dynamic (repeatable)")
+    b.add_argument("--decode-batch", type=int_at_least(1, 4096), default=16,
+                   help="rows of the fixed-shape decode (default 16)")
+    b.add_argument("--decode-tokens", type=int_at_least(1, MAX_TOKENS), default=64,
+                   help="new tokens of the fixed-shape decode (default 64)")
     b.set_defaults(func=_run("engine:backends"), backend="hf")
 
 
@@ -130,9 +218,10 @@ def _training(bench_subparsers) -> None:
     loss.set_defaults(func=_run("training:loss"))
 
     train = bench_subparsers.add_parser(
-        "train", help="training tokens/s / base forward-only tokens/s on SmolLM2 (target >= 0.7)",
+        "train", help="training tokens/s / base forward-only tokens/s on SmolLM2 (goal >= 0.8)",
         description="Real AutoDecoTrainer steps (base no-grad forward, heads, loss, backward, AdamW) vs the base "
-        "forward alone, same batch and length; medians.",
+        "forward alone, same batch of natural text; the forward is timed before the loss first runs and again "
+        "after the training steps, in the same process; medians.",
     )
     train.add_argument("--model", default="smollm2")
     train.add_argument("--batch", type=int_at_least(1, 4096), default=1)
@@ -140,7 +229,7 @@ def _training(bench_subparsers) -> None:
     train.add_argument("--steps", type=int_at_least(1, 100_000), default=6)
     train.add_argument("--forward-repeats", type=int_at_least(1, 1000), default=3)
     train.add_argument("--threads", type=int_at_least(1, 1024), default=2)
-    train.add_argument("--json")
+    train.add_argument("--out", help="write bench_train.json into this folder")
     train.set_defaults(func=_run("training:train"))
 
 

@@ -1,0 +1,251 @@
+"""`autodeco bench nucleus`: AutoDeco sampling / default sampling at the top-p where trained heads live.
+
+A fresh head predicts P ~ 0.5, where the exact nucleus settles nearly every row from its 64 top
+candidates; trained heads sit at 0.8-0.999 (the paper's mean P ~ 0.8; our demo's ~ 0.999), where
+a third to two thirds of a real model's rows need the slow path. So this benchmark forces the
+top-p head's output: for each P in ``--top-ps`` it writes heads whose last layers are zero with
+biases set so that T = 1 and P = that value for every token (a real checkpoint, loaded by both
+engines unchanged), and, with ``--heads``, also uses a trained checkpoint's own T and P.
+
+Per engine (hf, vllm) and thread count, one child process generates the same natural-text
+prompts with AutoDeco's heads on and off, repeats interleaved, and reports the median ratio of
+wall times (goal <= 1.01 at every P):
+- hf: the base model's ``generate`` (default sampling, T = 1, P = 1, top_k = 0) against the AutoDeco
+  wrapper's, both from a copy of one prefilled KV cache, so the decode steps are what is timed;
+- vllm: one engine on the merged checkpoint, heads switched off (the base's logits, untouched) and
+  on through the worker RPC; the prompts are prefix-cached after a warm-up, so the runs are
+  decode steps too.
+The hf child also times the nucleus alone on one step's real logits at each setting (and how
+many rows took the slow path), against the base step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from harness.bench import natural_rows, write_result
+from harness.core.errors import UserError
+
+GOAL = 1.01
+
+
+def force_heads(model, top_p: float, temperature: float = 1.0) -> None:
+    """Make ``model``'s heads predict ``temperature`` and ``top_p`` for every token (zero last
+    layers; biases at the inverse of their squashing: 2·sigmoid for T, sigmoid for P)."""
+    with torch.no_grad():
+        for head, value in ((model.temp_head, temperature / 2.0), (model.top_p_head, top_p)):
+            last = head.mlp[2]
+            last.weight.zero_()
+            last.bias.fill_(math.log(value / (1.0 - value)))
+
+
+def _settings(args, base_path: str, folder: Path) -> list[tuple[str, str]]:
+    """(name, heads-only folder) per setting: the forced P values, then the trained heads."""
+    from heads.model import AutoDecoModelForCausalLM
+
+    model = AutoDecoModelForCausalLM.from_base(base_path)
+    settings = []
+    for top_p in args.top_ps:
+        force_heads(model, top_p)
+        path = folder / f"p{top_p}"
+        model.save_pretrained(path)
+        settings.append((f"P={top_p:g}", str(path)))
+    if args.heads:
+        settings.append(("trained", str(args.heads)))
+    return settings
+
+
+def _child(spec: dict, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "harness.bench.nucleus", "--child", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-5:]
+        raise UserError(f"bench nucleus: the {spec['backend']} child ({spec['threads']} threads) failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> int:
+    from harness.backends.dtype import resolve_dtype
+    from harness.models import is_autodeco, read_config, resolve_model
+
+    base_path = resolve_model(args.model)
+    if args.heads and not is_autodeco(read_config(args.heads)):
+        raise UserError(f"--heads {args.heads}: not an AutoDeco checkpoint")
+    dtype = resolve_dtype(args.dtype)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="autodeco-nucleus-") as tmp:
+        settings = _settings(args, base_path, Path(tmp))
+        for backend in args.backends:
+            for threads in args.threads:
+                spec = {"backend": backend, "threads": threads, "base": base_path, "settings": settings,
+                        "dtype": dtype, "batch": args.batch_size, "context": args.context,
+                        "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed, "tmp": tmp}
+                env = {"OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+                print(f"{backend}, {threads} thread(s): {len(settings)} settings x {args.repeats} repeats ...",
+                      file=sys.stderr, flush=True)
+                results[f"{backend}@{threads}"] = _child(spec, env)
+    _print_table(results, [name for name, _ in settings], dtype, args)
+    worst = max(r["ratio"] for column in results.values() for r in column["settings"].values())
+    write_result(args.out, "bench_nucleus.json", {
+        "bench": "nucleus", "model": args.model, "dtype": dtype, "batch": args.batch_size, "context": args.context,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "results": results, "worst_ratio": worst,
+        "goal": GOAL})
+    return 0
+
+
+def _print_table(results: dict, names: list[str], dtype: str, args) -> None:
+    columns = list(results)
+    print(f"bench nucleus: {args.model} {dtype}, batch {args.batch_size}, context {args.context}, "
+          f"{args.new_tokens} new tokens, median of {args.repeats} interleaved repeats")
+    print("AutoDeco / default sampling, wall time (goal <= 1.01):")
+    print(f"  {'heads':<10}" + "".join(f"{c:>12}" for c in columns))
+    for name in names:
+        print(f"  {name:<10}" + "".join(f"{results[c]['settings'][name]['ratio']:>12.4f}" for c in columns))
+    for column, data in results.items():
+        if not column.startswith("hf@"):
+            continue
+        print(f"exact nucleus alone on one step's logits ({column}; base step {data['step_ms']:.1f} ms):")
+        for name in names:
+            s = data["settings"][name]
+            print(f"  {name:<10} {s['nucleus_ms']:.3f} ms = {100 * s['nucleus_ms'] / data['step_ms']:.2f}% of a step, "
+                  f"{s['slow_rows']}/{args.batch_size} rows on the slow path, mean P {s['top_p_mean']:.4f}")
+    worst = max(r["ratio"] for column in results.values() for r in column["settings"].values())
+    print(f"worst ratio {worst:.4f} (goal <= {GOAL})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The children: one engine, one thread count, every setting
+
+
+def _interleaved(repeats: int, default, autodeco) -> dict:
+    walls = {"default": [], "autodeco": []}
+    for r in range(repeats):
+        order = ("default", "autodeco") if r % 2 == 0 else ("autodeco", "default")
+        for side in order:
+            walls[side].append((default if side == "default" else autodeco)(r))
+    ratios = [a / d for a, d in zip(walls["autodeco"], walls["default"], strict=True)]
+    return {"ratio": statistics.median(ratios), "ratios": ratios, **{f"{k}_seconds": v for k, v in walls.items()}}
+
+
+def _hf_child(spec: dict) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.backends.dtype import torch_dtype
+    from harness.backends.hf import default_attention
+    from heads.checkpoint import head_tensors
+    from heads.model import AutoDecoModelForCausalLM, decode
+    from heads.nucleus import _cutoff, logit_stats, nucleus_from_stats
+
+    torch.set_num_threads(spec["threads"])
+    dtype = torch_dtype(spec["dtype"])
+    attention = default_attention(dtype, "cpu")  # as the hf backend loads it
+    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=dtype,
+                                                **({"attn_implementation": attention} if attention else {})).eval()
+    model = AutoDecoModelForCausalLM.from_base(base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(spec["base"])
+    prompts = torch.tensor(natural_rows(tokenizer, spec["batch"], spec["context"]))
+    mask = torch.ones_like(prompts)
+    with torch.inference_mode():  # the shared prefill: all but the last prompt token
+        cache = base(prompts[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+
+    def generate(m, seed: int) -> float:
+        past = copy.deepcopy(cache)  # outside the timed region
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = m.generate(prompts, attention_mask=mask, past_key_values=past, do_sample=True, temperature=1.0,
+                             top_p=1.0, top_k=0, max_new_tokens=spec["new_tokens"], eos_token_id=None,
+                             pad_token_id=0)
+            seconds = time.perf_counter() - start
+        assert out.shape[1] == prompts.shape[1] + spec["new_tokens"], out.shape
+        return seconds
+
+    def step_ms(fn, repeats: int = 20) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    with torch.inference_mode():
+        one_step = lambda: base(prompts[:, -1:], attention_mask=mask, past_key_values=copy.deepcopy(cache))  # noqa: E731
+        copy_ms = step_ms(lambda: copy.deepcopy(cache), 5)
+        base_step = step_ms(one_step, 5) - copy_ms
+    generate(base, 0)
+    out = {"step_ms": base_step, "settings": {}}
+    for name, folder in spec["settings"]:
+        model.load_heads(head_tensors(folder))
+        generate(model, 0)  # warm-up
+        row = _interleaved(spec["repeats"], lambda r: generate(base, spec["seed"] + r),
+                           lambda r: generate(model, spec["seed"] + r))
+        with torch.inference_mode():  # the nucleus alone, on this setting's real logits of one step
+            hidden, base_logits, _ = model.base_forward(prompts[:, -1:], attention_mask=mask,
+                                                        past_key_values=copy.deepcopy(cache), logits_to_keep=1)
+            _, temperature, top_p = decode(model.temp_head, model.top_p_head, hidden, base_logits,
+                                           use_temperature=True, use_top_p=True)
+            z = base_logits[:, -1].float() / temperature[:, -1:].float()
+            p = top_p[:, -1].float()
+            stats = logit_stats(z, moments=False)
+            _, resolved = _cutoff(stats.top_values, stats.lse, p)
+            row.update(nucleus_ms=step_ms(lambda z=z, s=stats, p=p: nucleus_from_stats(z.clone(), s, p, inplace=True)),
+                       slow_rows=int((~resolved).sum()), top_p_mean=float(p.mean()))
+        out["settings"][name] = row
+        print(f"  hf {name}: ratio {row['ratio']:.4f}", file=sys.stderr, flush=True)
+    return out
+
+
+def _vllm_child(spec: dict) -> dict:
+    from vllm import SamplingParams
+
+    from harness.backends.vllm import VLLMBackend
+    from heads.checkpoint import merge
+
+    settings = spec["settings"]
+    merged = merge(settings[0][1], spec["base"], Path(spec["tmp"]) / f"merged-{os.getpid()}")
+    length = spec["context"] + spec["new_tokens"] + 8
+    backend = VLLMBackend(str(merged), trace=False, dtype=spec["dtype"], max_model_len=length)
+    tokenizer = backend.tokenizer
+    prompts = [{"prompt_token_ids": ids} for ids in natural_rows(tokenizer, spec["batch"], spec["context"])]
+
+    def generate(heads_on: bool, seed: int) -> float:
+        backend.llm.collective_rpc("autodeco_set_decoding", args=(heads_on, heads_on))
+        params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=seed * 1000 + i,
+                                 max_tokens=spec["new_tokens"], ignore_eos=True) for i in range(len(prompts))]
+        start = time.perf_counter()
+        outputs = backend.llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == spec["new_tokens"] for o in outputs)
+        return seconds
+
+    generate(False, 0)  # warm-up: the prompts enter the prefix cache
+    out = {"settings": {}}
+    try:
+        for name, folder in settings:
+            backend.llm.collective_rpc("autodeco_load_heads", args=(str(Path(folder).resolve()),))
+            generate(True, 0)
+            row = _interleaved(spec["repeats"], lambda r: generate(False, spec["seed"] + r),
+                               lambda r: generate(True, spec["seed"] + r))
+            out["settings"][name] = row
+            print(f"  vllm {name}: ratio {row['ratio']:.4f}", file=sys.stderr, flush=True)
+    finally:
+        backend.close()
+    return out
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
+    _spec = json.loads(sys.argv[2])
+    _result = (_hf_child if _spec["backend"] == "hf" else _vllm_child)(_spec)
+    print(json.dumps(_result))
