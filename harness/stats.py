@@ -90,6 +90,12 @@ def _t_estimate(values: Sequence[float], with_p: bool) -> Estimate:
     return Estimate(mean, se, mean - half, mean + half, n, p_value)
 
 
+def mean_estimate(values: Sequence[float]) -> Estimate:
+    """The mean of independent measurements with its 95% t interval and the t-test of mean = 0
+    (e.g. paired timing differences: overhead estimates that say when they are noise)."""
+    return _t_estimate(list(values), with_p=True)
+
+
 def pass1_estimate(per_doc: Mapping[str, Sequence[bool] | float]) -> Estimate:
     """Pass@1 over problems with its 95% t interval (see the module docstring)."""
     return _t_estimate(list(problem_accuracies(per_doc).values()), with_p=False)

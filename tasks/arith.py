@@ -1,9 +1,10 @@
 """`arith`: a seeded synthetic in-domain task (arithmetic and short word problems) for CPU runs.
 
 Difficulty 1..5 sets the operand size and the number of operations; level >= 3 mixes in short
-word problems. Splits never overlap: a problem belongs to ``train`` or ``test`` by a hash of
-its text (about 80/20), whatever the seed or difficulty, so a problem generated for training
-can never appear in the held-out split. Docs are ``{"problem", "answer" (int), "difficulty"}``
+word problems. Splits never overlap: a problem belongs to ``train``, ``dev`` or ``test`` by a hash
+of its text (about 70/10/20), whatever the seed or difficulty, so a problem generated for training
+can never appear in a held-out split. ``dev`` is for choosing among checkpoints and recipes
+(`arith_dev`), ``test`` for the numbers one reports (`arith`). Docs are ``{"problem", "answer" (int), "difficulty"}``
 and are graded by the math grader (boxed answer, or "the answer is N" / last number).
 
 The trainer's reject sampling uses ``get_task("arith", split="train", n=..., seed=...)``.
@@ -17,17 +18,19 @@ import operator
 import random
 from collections.abc import Callable
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "dev", "test")
 TEST_FRACTION = 0.2
+DEV_FRACTION = 0.1
 
 _NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade"]
 _ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards"]
 
 
 def split_of(problem: str) -> str:
-    """'train' or 'test', decided by the problem text alone (so splits can never overlap)."""
+    """'train', 'dev' or 'test', decided by the problem text alone (so splits can never overlap)."""
     digest = hashlib.sha256(problem.encode("utf-8")).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < TEST_FRACTION else "train"
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "test" if u < TEST_FRACTION else "dev" if u < TEST_FRACTION + DEV_FRACTION else "train"
 
 
 def evaluate(text: str) -> int:

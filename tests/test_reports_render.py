@@ -141,10 +141,14 @@ def test_demo_commands_parse_with_the_real_cli(tmp_path, monkeypatch):
         assert callable(args.func), argv
         assert not extra or args._takes_extra, argv
     commands = [argv[0] if argv[0] not in ("data", "bench") else " ".join(argv[:2]) for argv in issued]
-    assert commands[:4] == ["model", "construct", "data reject-sample", "train"]
+    assert commands[:5] == ["model", "construct", "data reject-sample", "data reject-sample", "train"]
+    train = issued[4]
+    assert train[train.index("--train_file") + 1].count(",") == 1  # both difficulties' rows
     evals = [argv for argv in issued if argv[0] == "eval"]
     presets = {p.split(":")[0] for argv in evals for p in argv[argv.index("--decoding") + 1].split(",")
                if "=" not in p or ":" in p}
     assert presets == set(demo.METHODS) | {"meanshift"}
-    assert len(evals) == 6  # one model load per (model, task set), MeanShift, one for all training candidates
+    # one engine per command: the checkpoints (dev split), the in-domain presets, MeanShift, the real-benchmark slice
+    assert len(evals) == 4
+    assert [argv[argv.index("--tasks") + 1] for argv in evals[:3]] == ["arith_dev", "arith", "arith"]
     assert "sweep" in commands and "bench efficiency" in commands

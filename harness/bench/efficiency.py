@@ -33,6 +33,7 @@ from pathlib import Path
 from harness.core.errors import UserError
 from harness.core.files import atomic_write_json, check_output_file
 from harness.models import resolve_model
+from harness.stats import mean_estimate
 
 METHODS = ("default", "autodeco")
 PAPER_LENGTHS = "1k,2k,4k,8k,16k,24k"
@@ -256,6 +257,17 @@ def measure_efficiency(model: str = "smollm2", prompt_lengths: list[int] = (256,
     return result
 
 
+def _overhead(base: dict, new: dict) -> str:
+    """The paired latency overhead (repeat i of both methods ran back to back) with its 95% interval;
+    an interval holding 0 is said to be noise."""
+    pairs = list(zip(base["latencies_s"], new["latencies_s"], strict=True))
+    if len(pairs) < 2:
+        return f"{100 * (new['latency_s'] / base['latency_s'] - 1):+.1f}% (1 repeat: no interval; use --repeats >= 5)"
+    est = mean_estimate([100 * (n / b - 1) for b, n in pairs])
+    verdict = "not distinguishable from 0" if est.ci_low <= 0 <= est.ci_high else "more than noise"
+    return f"{est.mean:+.1f}% [95% CI {est.ci_low:+.1f}, {est.ci_high:+.1f}] over {est.n} paired repeats ({verdict})"
+
+
 def run(args) -> int:
     """The command: measure, print the table and the ratios, write efficiency.json."""
     try:
@@ -277,9 +289,8 @@ def run(args) -> int:
         print(f"{length:>7} {method:>9} {r['flops']:>10.3e} {r['latency_s_per_1k']:>9.2f} {r['peak_memory_mb']:>8.0f}")
     for length in lengths:
         base, new = by[(length, "default")], by[(length, "autodeco")]
-        print(f"prompt {length}: latency ratio autodeco/default = "
-              f"{new['latency_s'] / base['latency_s']:.3f}, FLOPs ratio = {new['flops'] / base['flops']:.6f}, "
-              f"peak memory +{new['peak_memory_mb'] - base['peak_memory_mb']:.1f} MB")
+        print(f"prompt {length}: latency overhead {_overhead(base, new)}, FLOPs ratio = "
+              f"{new['flops'] / base['flops']:.6f}, peak memory +{new['peak_memory_mb'] - base['peak_memory_mb']:.1f} MB")
     for check in result["flops_check"]:
         print(f"FLOPs check ({check['method']}, full forward of {check['prompt_length']} tokens): "
               f"measured/analytic = {check['ratio']:.4f}")

@@ -19,6 +19,8 @@ is read back from the result files: whatever was measured.
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,31 +30,47 @@ from harness.core import config as configs
 from harness.core.config import FieldError
 from harness.core.errors import UserError
 from harness.core.files import atomic_write_json, read_json
+from harness.core.paths import CONFIGS_DIR
 
 IN_DOMAIN = "arith"
+DEV = "arith_dev"
 MODEL = "smollm2"
 METHODS = ("greedy", "default", "autodeco", "autodeco-temp", "autodeco-top-p")
+BUDGET_MIN = 30  # the default profile's promise on 2 idle CPU cores
+
+
+PROFILES_DIR = CONFIGS_DIR / "demo"
 
 
 @dataclass
 class DemoConfig:
-    """The demo's sizes; every field is a flag and a --config YAML key."""
+    """The demo's sizes; every field is a flag and a --config YAML key. The defaults are the
+    30-minute CPU profile; ``--profile full`` (configs/demo/full.yaml) is the paper-sized one."""
 
     out: str = field(default="outputs/demo", metadata={"help": "output folder"})
-    train_problems: int = field(default=64, metadata={"help": "arith train problems to sample"})
+    # Training data. SmolLM2 solves ~4% of difficulty-2 arith at T=0.7 and ~40% of difficulty 1, so
+    # the easy problems give most of the rows; the difficulty-2 ones keep the test's kind of problem in.
+    train_problems: int = field(default=150, metadata={"help": "arith train problems (difficulty 2, as the test)"})
+    easy_problems: int = field(default=130, metadata={
+        "help": "arith train problems of difficulty 1 (at most ~140 exist; 0 to skip)"})
     reject_samples: int = field(default=4, metadata={"help": "samples per train problem"})
-    # SmolLM2 solves ~3% of arith at T=1 and ~11% at T=0.6: a cooler sampler yields training rows.
     reject_decoding: str = field(default="static:temperature=0.7", metadata={
         "help": "preset for reject sampling (SmolLM2 rarely solves arith at T=1)"})
-    train_steps: int = field(default=30, metadata={"help": "optimizer steps for the heads"})
-    eval_limit: int = field(default=16, metadata={"help": "held-out arith problems evaluated"})
-    seeds: int = field(default=2, metadata={"help": "seeds per evaluation"})
-    samples: int = field(default=2, metadata={"help": "samples per problem per seed"})
+    train_epochs: int = field(default=3, metadata={"help": "epochs over the training rows (a checkpoint each)"})
+    # Evaluation: held-out arith (test split); checkpoints are compared on the dev split.
+    eval_limit: int = field(default=150, metadata={"help": "held-out arith problems evaluated (test split)"})
+    dev_limit: int = field(default=60, metadata={"help": "arith dev problems for comparing the checkpoints"})
+    seeds: int = field(default=1, metadata={"help": "seeds per evaluation"})
+    samples: int = field(default=4, metadata={"help": "samples per problem per seed"})
     max_tokens: int = field(default=128, metadata={"help": "max generated tokens per sample"})
+    sweep_temperatures: str = field(default="0.25,0.5,0.75,1.0", metadata={
+        "help": "static sweep's temperature grid at P = 1 (greedy is always added)"})
+    sweep_top_ps: str = field(default="0.5,0.75,0.9", metadata={"help": "top-p grid at the best temperature"})
     bench_tasks: str = field(default="aime24,mmlu_pro", metadata={
         "help": "real benchmarks for the slice (comma-separated; empty to skip)"})
     bench_limit: int = field(default=2, metadata={"help": "problems per real benchmark"})
-    sweep_grid: str = field(default="0.4:1.0:0.6", metadata={"help": "oracle grid for T and P (start:stop:step)"})
+    efficiency_repeats: int = field(default=5, metadata={
+        "help": "paired repeats of the efficiency bench (the overhead's interval rests on them)"})
     steer_prompts: int = field(default=12, metadata={
         "help": "prompts of configs/steer/default.yaml run under each steering command"})
     data_dir: str | None = field(default=None, metadata={
@@ -60,23 +78,26 @@ class DemoConfig:
     backend: str = field(default="vllm", metadata={"help": "generation backend", "choices": ("hf", "vllm")})
 
     def check(self) -> None:
-        """Every size, the grid, the tasks and the preset: a bad value fails before step 1, not
+        """Every size, the grids, the tasks and the preset: a bad value fails before step 1, not
         twenty minutes in."""
         from harness.decoding import PresetError, parse_spec
         from harness.sweep import check_grid
         from tasks import expand
         from tasks.data import ARITH_MAX_N
 
-        for name, high in (("train_problems", ARITH_MAX_N), ("reject_samples", MAX_SAMPLES),
-                           ("train_steps", 1_000_000), ("eval_limit", MAX_PROBLEMS), ("seeds", MAX_SEEDS),
-                           ("samples", MAX_SAMPLES), ("max_tokens", MAX_TOKENS), ("bench_limit", MAX_PROBLEMS),
-                           ("steer_prompts", MAX_PROBLEMS)):
-            if not 1 <= getattr(self, name) <= high:
-                raise FieldError(name, f"must be in 1..{high}, got {getattr(self, name)}")
-        try:
-            check_grid(self.sweep_grid, 1.0)  # the same grid serves T and top-p
-        except ValueError as err:
-            raise FieldError("sweep_grid", str(err)) from None
+        for name, low, high in (("train_problems", 1, ARITH_MAX_N), ("easy_problems", 0, ARITH_MAX_N),
+                                ("reject_samples", 1, MAX_SAMPLES), ("train_epochs", 1, 10_000),
+                                ("eval_limit", 1, MAX_PROBLEMS), ("dev_limit", 1, MAX_PROBLEMS),
+                                ("seeds", 1, MAX_SEEDS), ("samples", 1, MAX_SAMPLES), ("max_tokens", 1, MAX_TOKENS),
+                                ("bench_limit", 1, MAX_PROBLEMS), ("efficiency_repeats", 1, 1000),
+                                ("steer_prompts", 1, MAX_PROBLEMS)):
+            if not low <= getattr(self, name) <= high:
+                raise FieldError(name, f"must be in {low}..{high}, got {getattr(self, name)}")
+        for name, high in (("sweep_temperatures", 100.0), ("sweep_top_ps", 1.0)):
+            try:
+                check_grid(getattr(self, name), high)
+            except ValueError as err:
+                raise FieldError(name, str(err)) from None
         try:
             if self.bench_tasks:
                 expand(self.bench_tasks)
@@ -102,9 +123,10 @@ def autodeco(argv: list[str]) -> None:
         raise DemoStepFailed(f"`autodeco {' '.join(argv)}` exited with {code}")
 
 
-def eval_args(cfg: DemoConfig, model: str, tasks: str, decoding: str, out: Path, limit: int) -> list[str]:
+def eval_args(cfg: DemoConfig, model: str, tasks: str, decoding: str, out: Path, limit: int,
+              samples: int | None = None) -> list[str]:
     args = ["eval", "--model", model, "--tasks", tasks, "--decoding", decoding, "--seeds", str(cfg.seeds),
-            "--samples", str(cfg.samples), "--limit", str(limit), "--max-tokens", str(cfg.max_tokens),
+            "--samples", str(samples or cfg.samples), "--limit", str(limit), "--max-tokens", str(cfg.max_tokens),
             "--backend", cfg.backend, "--out", str(out)]
     return args + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])
 
@@ -115,24 +137,32 @@ def train_config() -> list[str]:
     return ["train", "--config", str(path)] if path.is_file() else ["train"]
 
 
+def reject_sample_args(cfg: DemoConfig, difficulty: int, problems: int, out: Path) -> list[str]:
+    return ["data", "reject-sample", "--model", MODEL, "--task", IN_DOMAIN, "--difficulty", str(difficulty),
+            "--limit", str(problems), "--samples", str(cfg.reject_samples), "--decoding", cfg.reject_decoding,
+            "--max-tokens", str(cfg.max_tokens), "--backend", cfg.backend, "--out", str(out)]
+
+
 def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
     """The pipeline as (title, thunk) pairs, in order."""
     out = Path(cfg.out)
     init, train, runs = out / "autodeco-init", out / "train", out / "runs"
     trained = train / "final"
-    data = out / "data" / "train.jsonl"
+    data = [out / "data" / "train.jsonl"] + ([out / "data" / "train_easy.jsonl"] if cfg.easy_problems else [])
+
+    def reject_sample():
+        autodeco(reject_sample_args(cfg, 2, cfg.train_problems, data[0]))
+        if cfg.easy_problems:
+            autodeco(reject_sample_args(cfg, 1, cfg.easy_problems, data[1]))
 
     def evaluate_all():
-        # One model load per (model, task set): the presets of a model share its engine.
-        base, ours = ",".join(METHODS[:2]), ",".join(METHODS[2:])
-        autodeco(eval_args(cfg, MODEL, IN_DOMAIN, base, runs, cfg.eval_limit))
-        autodeco(eval_args(cfg, str(trained), IN_DOMAIN, ours, runs, cfg.eval_limit))
+        # One engine for every preset of the in-domain comparison: the AutoDeco model with its heads
+        # off is the base model (greedy, default), on for autodeco and the two ablations.
+        autodeco(eval_args(cfg, str(trained), IN_DOMAIN, ",".join(METHODS), runs, cfg.eval_limit))
         # SimpleDeco's MeanShift: the base model at the mean T and P that AutoDeco itself predicted here.
-        autodeco(eval_args(cfg, MODEL, IN_DOMAIN, meanshift_spec(runs / trained.name), runs, cfg.eval_limit))
-        if cfg.bench_tasks:
-            tasks = cfg.bench_tasks
-            autodeco(eval_args(cfg, MODEL, tasks, base, runs, cfg.bench_limit))
-            autodeco(eval_args(cfg, str(trained), tasks, "autodeco", runs, cfg.bench_limit))
+        autodeco(eval_args(cfg, str(trained), IN_DOMAIN, meanshift_spec(runs / trained.name), runs, cfg.eval_limit))
+        if cfg.bench_tasks:  # the pipeline on real benchmarks: a handful of problems, anecdotal by design
+            autodeco(eval_args(cfg, str(trained), cfg.bench_tasks, "greedy,default,autodeco", runs, cfg.bench_limit))
 
     def reports():
         from reports.index import Inputs, Options, run_all, write_index
@@ -143,29 +173,27 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
         done = run_all(inputs, out / "reports", Options(paper="table1"))
         write_index(out / "reports", done, header=f"`autodeco demo` output; config: {cfg}")
 
-    sweep = ["sweep", "--model", MODEL, "--tasks", IN_DOMAIN, "--temperatures", cfg.sweep_grid,
-             "--top-ps", cfg.sweep_grid, "--seeds", str(cfg.seeds), "--samples", str(cfg.samples),
+    sweep = ["sweep", "--model", str(trained), "--tasks", IN_DOMAIN, "--temperatures", cfg.sweep_temperatures,
+             "--top-ps", cfg.sweep_top_ps, "--seeds", str(cfg.seeds), "--samples", str(cfg.samples),
              "--limit", str(cfg.eval_limit), "--max-tokens", str(cfg.max_tokens), "--backend", cfg.backend,
              "--out", str(runs)]
     return [
         ("prepare SmolLM2", lambda: autodeco(["model", "prepare"])),
         ("construct AutoDeco", lambda: autodeco(["construct", "--base", MODEL, "--out", str(init)])),
-        ("reject-sample training data", lambda: autodeco(
-            ["data", "reject-sample", "--model", MODEL, "--task", IN_DOMAIN, "--limit", str(cfg.train_problems),
-             "--samples", str(cfg.reject_samples), "--decoding", cfg.reject_decoding, "--max-tokens",
-             str(cfg.max_tokens), "--backend", cfg.backend, "--out", str(data)])),
+        ("reject-sample training data (arith train split, difficulties 2 and 1)", reject_sample),
         ("train the heads", lambda: autodeco(
-            train_config() + ["--model", str(init), "--train_file", str(data), "--output_dir", str(train),
-                              "--max_steps", str(cfg.train_steps),
-                              "--save_steps", str(max(1, cfg.train_steps // 3))])),
-        ("evaluate greedy / default / autodeco (+ ablations) / meanshift", evaluate_all),
+            train_config() + ["--model", str(init), "--train_file", ",".join(map(str, data)),
+                              "--output_dir", str(train), "--num_train_epochs", str(cfg.train_epochs),
+                              "--save_strategy", "epoch"])),
+        ("compare the checkpoints on the dev split (never the test problems)", lambda: autodeco(
+            eval_args(cfg, str(train), DEV, "autodeco", out / "candidates", cfg.dev_limit, samples=2))),
+        ("evaluate greedy / default / autodeco / ablations / meanshift on held-out arith", evaluate_all),
         ("static sweep: greedy + T at P=1, then P at best T (test-set oracle + cross-validated)",
          lambda: autodeco(sweep)),
-        ("evaluate every training checkpoint (candidates)", lambda: autodeco(
-            eval_args(cfg, str(train), IN_DOMAIN, "autodeco", out / "candidates", cfg.eval_limit // 2))),
         ("efficiency bench", lambda: autodeco(
             ["bench", "efficiency", "--model", MODEL, "--heads", str(trained), "--prompt-lengths", "128,512",
-             "--gen-tokens", "16", "--repeats", "2", "--out", str(out / "efficiency" / "efficiency.json")])),
+             "--gen-tokens", "16", "--repeats", str(cfg.efficiency_repeats),
+             "--out", str(out / "efficiency" / "efficiency.json")])),
         ("steering: T/P under natural-language commands (Table 4)", lambda: autodeco(
             ["steer", "--model", str(trained), "--limit", str(cfg.steer_prompts), "--max-tokens", "48",
              "--backend", cfg.backend, "--out", str(runs)])),
@@ -217,11 +245,63 @@ def headline(out: Path) -> list[str]:
         best = "greedy" if sweep.best_temperature == 0 else f"T={sweep.best_temperature:g}, P={sweep.best_top_p:g}"
         lines.append(f"  {'oracle':<16} Pass@1 = {100 * sweep.best_pass1:5.1f}%  ({best}, tuned on the test "
                      f"problems themselves: optimistic)")
-    lines.append("  paired differences (AutoDeco − baseline, same problems, 95% CI, paired t-test):")
+    lines.append("  paired differences (AutoDeco − baseline, same problems, 95% CI, paired t-test; * = p < 0.05):")
     try:
         lines += ["    " + text for text in paired_lines(runs, sweeps, IN_DOMAIN, "autodeco", MODEL)]
     except ReportInputError as err:
         lines.append(f"    ({err})")
+    lines += verdict_lines(runs, sweeps)
+    lines += efficiency_lines(out / "efficiency" / "efficiency.json")
+    return lines
+
+
+def verdict_lines(runs, sweeps) -> list[str]:
+    """What the comparisons say, in words: AutoDeco against default sampling and the best static setting."""
+    from reports.paired import comparisons
+
+    found = {baseline: est for model, _task, method, baseline, est in comparisons(runs, sweeps, [IN_DOMAIN])
+             if method == "autodeco" and model == MODEL}
+    lines = ["  verdict:"]
+    default = found.get("default")
+    if default is not None:
+        lines.append(f"    AutoDeco vs default sampling: {_say(default)}")
+    static = {name: est for name, est in found.items() if name in ("greedy", "static (CV)", "oracle")}
+    if static:
+        worst_name, worst = min(static.items(), key=lambda kv: kv[1].mean)
+        below = [name for name, est in static.items() if est.significant and est.mean < 0]
+        if below:
+            lines.append(f"    AutoDeco is significantly BELOW the best static setting(s) {', '.join(below)} "
+                         f"on SmolLM2 (a finding, not hidden): vs {worst_name} {_say(worst)}")
+        else:
+            lines.append(f"    AutoDeco is not significantly below any static setting (greedy, the cross-validated "
+                         f"grid, the test-set oracle); closest: vs {worst_name} {_say(worst)}")
+    return lines
+
+
+def _say(est) -> str:
+    p = "< 0.001" if est.p_value < 0.001 else f"{est.p_value:.3f}"
+    where = "above" if est.mean > 0 else "below"
+    how = f"significantly {where}" if est.significant else "no significant difference"
+    return f"{how} ({100 * est.mean:+.1f} pp [{100 * est.ci_low:+.1f}, {100 * est.ci_high:+.1f}], p = {p}, n = {est.n})"
+
+
+def efficiency_lines(path: Path) -> list[str]:
+    """The heads' latency overhead with its interval over paired repeats (never a bare noisy number)."""
+    if not path.is_file():
+        return []
+    from reports.efficiency import latency_overhead
+
+    data = read_json(path)
+    by = {(r["prompt_length"], r["method"]): r for r in data["rows"]}
+    lines = [f"  efficiency (HF, {data.get('threads')} threads, {data['gen_tokens']} new tokens, "
+             f"{data['repeats']} paired repeats): latency overhead of the heads"]
+    for length in sorted({length for length, _ in by}):
+        base, new = by.get((length, "default")), by.get((length, "autodeco"))
+        if base and new:
+            cell = latency_overhead(base, new)
+            if getattr(cell, "low", None) is not None:
+                noise = " (holds 0: not measurable)" if cell.low <= 0 <= cell.high else ""
+                lines.append(f"    prompt {length}: {cell.mean:+.1f}% [95% CI {cell.low:+.1f}, {cell.high:+.1f}]{noise}")
     return lines
 
 
@@ -247,19 +327,34 @@ def run_demo(cfg: DemoConfig) -> int:
         timings[title] = time.time() - t0
         tqdm.write(f"=== {title}: {timings[title]:.0f} s")
     total = time.time() - start
-    atomic_write_json(out / "demo_timings.json", {"steps_s": timings, "total_s": total}, indent=1)
+    load = os.getloadavg()[0]
+    atomic_write_json(out / "demo_timings.json", {"steps_s": timings, "total_s": total, "load_avg_1min_end": load,
+                                                  "cpus": os.cpu_count()}, indent=1)
     viewer = out / "reports" / "viewer.html"
-    print(f"\nDemo finished in {total / 60:.1f} min. Open {out / 'reports' / 'index.md'}"
+    print(f"\nDemo finished in {total / 60:.1f} min (load average {load:.1f} on {os.cpu_count()} CPUs at the end; "
+          f"the default profile's budget: {BUDGET_MIN} min on 2 idle cores). Open {out / 'reports' / 'index.md'}"
           + (f" and, in a browser, {viewer}" if viewer.exists() else ""))
     print(f"Headline (held-out {IN_DOMAIN}, SmolLM2-135M-Instruct, measured):")
     print("\n".join(headline(out)) or "  (no in-domain results found)")
     return 0
 
 
+def profile_path(name: str) -> Path:
+    """configs/demo/<name>.yaml, or a clear error listing the profiles."""
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
+        raise UserError(f"--profile {name}: no {path} (profiles: {known})")
+    return path
+
+
 def cmd_demo(args) -> int:
     from harness.core.files import check_output_folder
 
-    config = configs.from_args(DemoConfig, args)
+    if args.profile and args.config:
+        raise UserError("--profile and --config both name a config: give one (a profile is configs/demo/NAME.yaml)")
+    source = profile_path(args.profile) if args.profile else None
+    config = configs.from_args(DemoConfig, args, config_path=source)
     check_output_folder(config.out, "--out")
     try:
         return run_demo(config)
@@ -275,9 +370,17 @@ def register(subparsers) -> None:
         description="Prepare SmolLM2, construct AutoDeco, reject-sample training data on the synthetic "
                     "arith task, train the heads, evaluate greedy/default/autodeco (+ ablations) on the "
                     "held-out arith split and a slice of the real benchmarks, run a small oracle sweep, "
-                    "evaluate every training checkpoint, measure efficiency and steering by commands, "
-                    "and write every report with an index.md. Numbers are whatever is measured "
-                    "(about 24 min on 2 idle CPU cores with the defaults).")
+                    "compare the training checkpoints on the dev split, measure efficiency and steering by "
+                    "commands, and write every report with an index.md; the headline gives each method's "
+                    "Pass@1 with its 95%% interval and AutoDeco's paired differences. Numbers are whatever "
+                    "is measured. The defaults are the 30-minute CPU profile (2 idle cores); "
+                    "--profile full is the paper-sized run (configs/demo/full.yaml: hours on CPU, a GPU "
+                    "with --backend vllm).",
+        epilog="examples:\n  autodeco demo                          # ~30 min on 2 CPU cores (make demo)\n"
+               "  autodeco demo --profile full --out outputs/demo_full\n"
+               "  autodeco demo --eval-limit 50 --samples 2   # a quicker look",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--config", help="YAML whose keys are the options below; flags given here win")
+    demo.add_argument("--profile", help="a named config: configs/demo/NAME.yaml (full: paper-like sizes)")
     configs.add_arguments(demo, DemoConfig)
     demo.set_defaults(func=cmd_demo)

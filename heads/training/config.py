@@ -22,7 +22,7 @@ class AutoDecoArguments:
 
     model: str = field(default="smollm2", metadata={
         "help": "base causal LM (smollm2, a configs/models preset, a folder, a hub id) or an AutoDeco folder"})
-    train_file: str = field(default="", metadata={"help": "JSONL with prompt/completion rows (required)"})
+    train_file: str = field(default="", metadata={"help": "JSONL with prompt/completion rows, or several comma-separated (required)"})
     max_rows: int = field(default=0, metadata={"help": "use only the first N rows (0: all)"})
     train_temperature: bool = field(default=True, metadata={"help": "train the temperature head (and its loss)"})
     train_top_p: bool = field(default=True, metadata={"help": "train the top-p head (and its loss)"})

@@ -118,19 +118,27 @@ def _plain_value(value):
 # Data
 
 
-def read_prompt_completion(path: str | os.PathLike, max_rows: int = 0) -> list[dict]:
-    """Validated prompt/completion rows from a JSONL file (errors name the file and line)."""
-    path = Path(path)
+def train_files(spec: str | os.PathLike) -> list[Path]:
+    """``train_file``: one JSONL, or several separated by commas (read in that order)."""
+    return [Path(part.strip()) for part in str(spec).split(",") if part.strip()]
+
+
+def read_prompt_completion(spec: str | os.PathLike, max_rows: int = 0) -> list[dict]:
+    """Validated prompt/completion rows from one JSONL file or several, comma-separated, in order
+    (errors name the file and line)."""
     rows = []
-    for number, row in iter_jsonl(path):
-        for key in ("prompt", "completion"):
-            if not isinstance(row, dict) or not isinstance(row.get(key), (str, list)) or not row.get(key):
-                raise ConfigError(f"{path}:{number}: field {key!r} missing or empty (need prompt and completion)")
-        rows.append({"prompt": row["prompt"], "completion": row["completion"]})
-        if max_rows and len(rows) >= max_rows:
-            break
-    if not rows:
-        raise ConfigError(f"{path}: no rows")
+    for path in train_files(spec):
+        count = 0
+        for number, row in iter_jsonl(path):
+            for key in ("prompt", "completion"):
+                if not isinstance(row, dict) or not isinstance(row.get(key), (str, list)) or not row.get(key):
+                    raise ConfigError(f"{path}:{number}: field {key!r} missing or empty (need prompt and completion)")
+            rows.append({"prompt": row["prompt"], "completion": row["completion"]})
+            count += 1
+            if max_rows and len(rows) >= max_rows:
+                return rows
+        if not count:
+            raise ConfigError(f"{path}: no rows")
     return rows
 
 
@@ -401,9 +409,10 @@ def train(cfg: AutoDecoTrainingConfig) -> Path:
 
     if not cfg.train_file:
         raise ConfigError("train_file is required (in the config or as --train_file)")
-    if not Path(cfg.train_file).is_file():
-        what = "is a folder, not a file" if Path(cfg.train_file).is_dir() else "not found"
-        raise ConfigError(f"train_file {cfg.train_file}: {what}")
+    for path in train_files(cfg.train_file):
+        if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "not found"
+            raise ConfigError(f"train_file {path}: {what}")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
