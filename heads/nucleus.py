@@ -83,9 +83,10 @@ def _workspace(like: torch.Tensor, slot: str = "exp") -> torch.Tensor:
     """A per-thread scratch tensor shaped like ``like``, reused across calls (one per ``slot``).
 
     Allocating (and freeing) a fresh vocabulary-sized temporary every decode step costs page
-    faults that, on CPU, rival the arithmetic itself.
+    faults that, on CPU, rival the arithmetic itself. A buffer made under ``torch.inference_mode``
+    is an inference tensor that may not be written outside it, so each mode keeps its own.
     """
-    key = (slot, like.device, like.dtype)
+    key = (slot, like.device, like.dtype, torch.is_inference_mode_enabled())
     cache = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}

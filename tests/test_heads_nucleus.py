@@ -197,3 +197,15 @@ def test_slow_path_with_masked_vocabulary_and_bfloat16():
     p = torch.tensor([0.8, 0.9, 0.99, 0.999])
     want = sorted_reference(half.float(), p).bfloat16()
     assert torch.equal(nucleus_filter(half, p), want)
+
+
+def test_scratch_buffers_work_in_and_out_of_inference_mode():
+    """A buffer first made under torch.inference_mode (an engine's decode) must not break a later
+    call outside it (training, a plain forward): each mode keeps its own scratch."""
+    from heads.nucleus import logit_stats
+
+    z = torch.randn(3, 4096)
+    with torch.inference_mode():
+        inside = logit_stats(z.clone())
+    outside = logit_stats(z)
+    assert torch.allclose(inside.lse, outside.lse) and torch.equal(inside.top_indices, outside.top_indices)
