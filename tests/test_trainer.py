@@ -215,3 +215,22 @@ def test_same_config_and_seed_give_bit_identical_heads_and_a_finished_run_does_n
     assert code == 0 and "nothing to do" in out and "checkpoint-3 is at step 3 of 3" in out
     assert sorted(p.name for p in run.iterdir()) == before  # no checkpoint-4/, no new log line
     assert (run / "log_history.jsonl").read_text().splitlines() == logs[0]
+
+
+def test_train_file_may_list_several_files(tmp_path):
+    """`train_file: a.jsonl,b.jsonl` reads both in order; one empty file among several is fine (a
+    reject-sampling run that solved nothing), all empty is an error, a bad row names its file:line."""
+    from heads.training.trainer import read_prompt_completion
+
+    a, b, empty = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "empty.jsonl"
+    a.write_text('{"prompt": "p1", "completion": "c1"}\n')
+    b.write_text('{"prompt": "p2", "completion": "c2"}\n{"prompt": "p3", "completion": "c3"}\n')
+    empty.write_text("")
+    rows = read_prompt_completion(f"{a},{empty}, {b}")
+    assert [r["prompt"] for r in rows] == ["p1", "p2", "p3"]
+    assert len(read_prompt_completion(f"{a},{b}", max_rows=2)) == 2
+    with pytest.raises(ConfigError, match="no rows"):
+        read_prompt_completion(f"{empty},{empty}")
+    b.write_text('{"prompt": "p2", "completion": "c2"}\n{"prompt": "p3"}\n')
+    with pytest.raises(ConfigError, match=r"b\.jsonl:2: field 'completion'"):
+        read_prompt_completion(f"{a},{b}")

@@ -63,8 +63,9 @@ class DemoConfig:
     seeds: int = field(default=1, metadata={"help": "seeds per evaluation"})
     samples: int = field(default=4, metadata={"help": "samples per problem per seed"})
     max_tokens: int = field(default=128, metadata={"help": "max generated tokens per sample"})
-    sweep_temperatures: str = field(default="0.25,0.5,0.75,1.0", metadata={
-        "help": "static sweep's temperature grid at P = 1 (greedy is always added)"})
+    sweep_temperatures: str = field(default="0.25,0.5,0.75", metadata={
+        "help": "static sweep's temperature grid at P = 1 (greedy is always added; T = 1 is default sampling, "
+                "evaluated beside it)"})
     sweep_top_ps: str = field(default="0.5,0.75,0.9", metadata={"help": "top-p grid at the best temperature"})
     bench_tasks: str = field(default="aime24,mmlu_pro", metadata={
         "help": "real benchmarks for the slice (comma-separated; empty to skip)"})

@@ -125,20 +125,19 @@ def train_files(spec: str | os.PathLike) -> list[Path]:
 
 def read_prompt_completion(spec: str | os.PathLike, max_rows: int = 0) -> list[dict]:
     """Validated prompt/completion rows from one JSONL file or several, comma-separated, in order
-    (errors name the file and line)."""
-    rows = []
-    for path in train_files(spec):
-        count = 0
+    (errors name the file and line). Among several files one may be empty (a reject-sampling run
+    that solved nothing); all of them empty is an error."""
+    rows, paths = [], train_files(spec)
+    for path in paths:
         for number, row in iter_jsonl(path):
             for key in ("prompt", "completion"):
                 if not isinstance(row, dict) or not isinstance(row.get(key), (str, list)) or not row.get(key):
                     raise ConfigError(f"{path}:{number}: field {key!r} missing or empty (need prompt and completion)")
             rows.append({"prompt": row["prompt"], "completion": row["completion"]})
-            count += 1
             if max_rows and len(rows) >= max_rows:
                 return rows
-        if not count:
-            raise ConfigError(f"{path}: no rows")
+    if not rows:
+        raise ConfigError(f"{', '.join(map(str, paths))}: no rows")
     return rows
 
 
