@@ -222,8 +222,8 @@ def headline(out: Path) -> list[str]:
 
     runs = find_runs([out / "runs"])
     sweeps = [s for s in find_sweeps([out / "runs"]) if s.task == IN_DOMAIN]
-    for run in runs:  # the trained heads' folder is `final`: put it in SmolLM2's block
-        run.model_name = MODEL if run.model_name == "final" else run.model_name
+    for item in [*runs, *sweeps]:  # the trained heads' folder is `final`: put it in SmolLM2's block
+        item.model_name = MODEL if item.model_name == "final" else item.model_name
     cells = {}
     for run in runs:
         if not run.sweep and IN_DOMAIN in run.tasks:
