@@ -99,13 +99,13 @@ def _sort_rows_inplace(array: np.ndarray) -> None:
         list(pool.map(lambda block: block.sort(axis=-1), np.array_split(array, workers, axis=0)))
 
 
-def _terms_torch(logits2d, rows, labels, temperature, top_p, alpha, eps, workspace=None):
-    """Vectorized torch kernel (any device)."""
+def _terms_torch(logits2d, rows, labels, temperature, top_p, alpha, eps, workspace=None, base_prob=True):
+    """Vectorized torch kernel (any device). ``base_prob=False``: no base probability (None)."""
     logits = logits2d[rows].float()
     temp = temperature.unsqueeze(-1)
     label = labels.unsqueeze(-1)
     l_y = logits.gather(-1, label)
-    base_prob = torch.exp(l_y - torch.logsumexp(logits, -1, keepdim=True)).squeeze(-1)
+    base_prob = torch.exp(l_y - torch.logsumexp(logits, -1, keepdim=True)).squeeze(-1) if base_prob else None
     z = logits / temp
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     z_y = l_y / temp
@@ -351,28 +351,37 @@ def _numba_kernel():
     return _NUMBA_KERNELS
 
 
+def _all_rows(logits2d: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether ``rows`` is 0, 1, ..., N - 1 over the whole matrix (then no gather is needed)."""
+    n = logits2d.shape[0]
+    return rows.numel() == n and bool((rows == torch.arange(n, device=rows.device)).all())
+
+
 def _terms_numba(logits2d, rows, labels, temperature, top_p, alpha, eps, workspace,
-                 tail_mass=DEFAULT_TAIL_MASS):
+                 tail_mass=DEFAULT_TAIL_MASS, base_prob=True):
     """CPU kernel (= `_terms_torch` up to the tail bound above): vectorised exps, a scan of the
     unsorted rows, a numpy sort of each row's head only, the float64 walk.
 
     ``workspace`` keeps three [chunk, V] float32 buffers across chunks (fresh large allocations
     cost page faults on every chunk). Blocks of rows run on a thread pool (the numba functions
-    and numpy's sort release the GIL).
+    and numpy's sort release the GIL). A contiguous float32 matrix whose rows are all taken in
+    order is read in place. ``base_prob=False`` skips the base softmax pass (the sixth term is None).
     """
     if top_p is None:  # the temperature loss needs no sort
-        return _terms_torch(logits2d, rows, labels, temperature, None, alpha, eps, workspace)
+        return _terms_torch(logits2d, rows, labels, temperature, None, alpha, eps, workspace, base_prob)
     scan, walk = _numba_kernel()
     n, vocab = rows.numel(), logits2d.shape[-1]
     if workspace.get("shape", (0, 0))[0] < n or workspace["shape"][1] != vocab:
         workspace.update(shape=(n, vocab), **{k: torch.empty(n, vocab) for k in ("rows", "heads", "work")})
     logits, heads, work = (workspace[k][:n] for k in ("rows", "heads", "work"))
-    if logits2d.dtype == torch.float32:  # numpy's row gather: torch.index_select(out=) crawls with 2 threads
+    if logits2d.dtype == torch.float32 and logits2d.is_contiguous() and _all_rows(logits2d, rows):
+        logits = logits2d  # only read below
+    elif logits2d.dtype == torch.float32:  # numpy's row gather: torch.index_select(out=) crawls with 2 threads
         np.take(logits2d.numpy(), rows.numpy(), axis=0, out=logits.numpy())
     else:
         logits.copy_(logits2d.index_select(0, rows))
     l_max = logits.amax(-1, keepdim=True)
-    exp_base_sum = torch.sub(logits, l_max, out=work).exp_().sum(-1)  # base softmax normalizer (T = 1)
+    exp_base_sum = torch.sub(logits, l_max, out=work).exp_().sum(-1) if base_prob else None  # base normalizer (T = 1)
     torch.sub(logits, l_max, out=work).mul_(1.0 / temperature.unsqueeze(-1)).exp_()
     p64 = top_p.double().numpy()
     targets = np.where((tail_mass <= 0.0) | (p64 >= 1.0 - 1e-9), 2.0, np.maximum(1.0 - tail_mass, 0.5 * (1.0 + p64)))
@@ -402,16 +411,19 @@ def _terms_numba(logits2d, rows, labels, temperature, top_p, alpha, eps, workspa
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(block, blocks))
     out = arrays["out"].T
+    terms = [torch.from_numpy(np.ascontiguousarray(o)).float() for o in out[:5]]
+    if not base_prob:
+        return (*terms, None)
     l_y = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    out[5] = (torch.exp(l_y - l_max.squeeze(-1)) / exp_base_sum).numpy()
-    return tuple(torch.from_numpy(np.ascontiguousarray(o)).float() for o in out)
+    return (*terms, (torch.exp(l_y - l_max.squeeze(-1)) / exp_base_sum).float())
 
 
 KERNELS = {"torch": _terms_torch, "numba": _terms_numba}
 
 
-def _select_kernel(name: str, device: torch.device, tail_mass: float = DEFAULT_TAIL_MASS):
-    """``auto`` = numba on CPU (when installed), torch elsewhere."""
+def _select_kernel(name: str, device: torch.device, tail_mass: float = DEFAULT_TAIL_MASS, base_prob: bool = True):
+    """``auto`` = numba on CPU (when installed), torch elsewhere; ``base_prob=False``: the kernel
+    skips the base probability of the label (the caller has it)."""
     if name == "auto":
         name = "numba" if device.type == "cpu" and _numba_kernel() is not None else "torch"
     if name not in KERNELS:
@@ -420,7 +432,9 @@ def _select_kernel(name: str, device: torch.device, tail_mass: float = DEFAULT_T
         raise ValueError("autodeco_loss: kernel='numba' needs CPU tensors and the numba package")
     if not 0.0 <= tail_mass < 0.5:
         raise ValueError(f"autodeco_loss: tail_mass must be in [0, 0.5), got {tail_mass}")
-    return functools.partial(_terms_numba, tail_mass=tail_mass) if name == "numba" else KERNELS[name]
+    if name == "numba":
+        return functools.partial(_terms_numba, tail_mass=tail_mass, base_prob=base_prob)
+    return functools.partial(_terms_torch, base_prob=base_prob)
 
 
 _LOCAL = threading.local()  # per thread: the CPU kernel's three [chunk, V] buffers, reused by every call
@@ -575,20 +589,13 @@ def autodeco_loss(
     rows = b_idx * length + t_idx
 
     easy = _is_easy(logits2d, rows, targets)
-    dropped = easy_token_drop_mask(easy, easy_token_drop, generator)
-    keep = ~dropped
-    counts = dict(n_tokens=int(easy.numel()), n_easy=int(easy.sum()), n_dropped=int(dropped.sum()))
-    # The top-p loss keeps every token when the mask is the temperature loss's alone (and it is trained).
-    all_rows = easy_token_scope == "temperature" and train_top_p
-    if not all_rows:
-        rows, targets, b_idx, t_idx, keep = rows[keep], targets[keep], b_idx[keep], t_idx[keep], keep[keep]
+    keep, counted, counts = _easy_token_masks(easy, easy_token_drop, easy_token_scope, train_top_p, generator)
+    n_kept = int(keep.sum())
+    if not counted.any():  # nothing to learn from: a zero that keeps the graph
+        return _zero_loss(temperature, top_p, train_top_p, counts)
+    rows, targets, b_idx, t_idx, keep = rows[counted], targets[counted], b_idx[counted], t_idx[counted], keep[counted]
     temp_rows = temperature[b_idx, t_idx].clamp_min(min_temperature)
     top_p_rows = top_p[b_idx, t_idx] if train_top_p else None
-
-    n_kept = int(keep.sum())
-    if n_kept == 0 and not (all_rows and rows.numel()):  # nothing to learn from: a zero that keeps the graph
-        zero = temperature.sum() * 0.0 + (top_p.sum() * 0.0 if train_top_p else 0.0)
-        return AutoDecoLoss(zero, zero.detach(), zero.detach() if train_top_p else None, n_kept=0, **counts)
 
     if chunk_size is None:
         ce_temp, ce_top, base_prob = _direct_head_losses(
@@ -599,12 +606,109 @@ def autodeco_loss(
             temp_rows, top_p_rows, logits2d, rows, targets, alpha, eps, chunk_size,
             _select_kernel(kernel, base_logits.device, tail_mass),
         )
+    return _combine(ce_temp, ce_top, base_prob, keep, n_kept, counts, dft_weighting=dft_weighting,
+                    train_temperature=train_temperature, train_top_p=train_top_p)
+
+
+def autodeco_loss_from_hidden(
+    hidden: torch.Tensor,
+    output_layer,
+    heads,
+    targets: torch.Tensor,
+    easy: torch.Tensor,
+    base_prob: torch.Tensor,
+    *,
+    train_temperature: bool = True,
+    train_top_p: bool = True,
+    alpha: float = 30.0,
+    easy_token_drop: float = 0.6,
+    easy_token_scope: str = "temperature",
+    dft_weighting: bool = True,
+    generator: torch.Generator | None = None,
+    min_temperature: float = 1e-2,
+    eps: float = 1e-9,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    kernel: str = "auto",
+    tail_mass: float = DEFAULT_TAIL_MASS,
+) -> tuple[AutoDecoLoss, torch.Tensor, torch.Tensor]:
+    """The objective of `autodeco_loss` from the frozen base's last hidden states (training from a cache).
+
+    ``hidden`` [N, H]: the hidden state at every loss position (one whose next token is a target), in
+    the order `autodeco_loss` visits them (batch row, then position); ``targets`` [N] the next tokens;
+    ``easy`` [N] (base argmax == target) and ``base_prob`` [N] (the base's softmax at the target, the
+    DFT weight), which depend on the base alone. ``output_layer`` maps hidden [c, H] to the base
+    logits [c, V] (the base's output embedding); ``heads`` maps (hidden [c, H], logits [c, V]) to
+    (T [c], P [c]) with gradients into the heads (`AutoDecoModelForCausalLM.heads_forward`).
+
+    The logits are recomputed ``chunk_size`` rows at a time and dropped after their chunk (memory
+    O(chunk × V); ``None``: all rows at once): per chunk the heads run on them, then the loss kernel
+    (``kernel``, ``tail_mass`` as in `autodeco_loss`). The easy-token draws are those of
+    `autodeco_loss` for the same generator, so both give the same loss up to the rounding of the
+    recomputed logits. Returns the loss and T, P [N] (every loss position, for logging).
+    """
+    if not (train_temperature or train_top_p):
+        raise ValueError("autodeco_loss_from_hidden: enable at least one of train_temperature / train_top_p")
+    if easy_token_scope not in EASY_TOKEN_SCOPES:
+        raise ValueError(f"autodeco_loss_from_hidden: easy_token_scope must be one of {', '.join(EASY_TOKEN_SCOPES)}")
+    n = hidden.shape[0]
+    if hidden.dim() != 2 or targets.shape != (n,) or easy.shape != (n,) or base_prob.shape != (n,):
+        raise ValueError(f"autodeco_loss_from_hidden: expected hidden [N, H] and targets/easy/base_prob [N]; got "
+                         f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(easy.shape)}, {tuple(base_prob.shape)}")
+    keep, counted, counts = _easy_token_masks(easy, easy_token_drop, easy_token_scope, train_top_p, generator)
+    terms = _select_kernel(kernel, hidden.device, tail_mass, base_prob=False)
+    step = chunk_size or max(n, 1)
+    temperatures, top_ps, ce_temps, ce_tops = [], [], [], []
+    for start in range(0, max(n, 1), step):  # one (empty) pass when n = 0: the heads still build a graph
+        sl = slice(start, start + step)
+        with torch.no_grad():
+            logits = output_layer(hidden[sl]).float()
+        temperature, top_p = heads(hidden[sl], logits)
+        temperatures.append(temperature)
+        top_ps.append(top_p)
+        local = counted[sl].nonzero().squeeze(-1)
+        if local.numel():
+            ce_temp, ce_top, _ = _ChunkedHeadLosses.apply(
+                temperature[local].clamp_min(min_temperature), top_p[local] if train_top_p else None, logits, local,
+                targets[sl][local], alpha, eps, step, terms,
+            )
+            ce_temps.append(ce_temp)
+            ce_tops.append(ce_top)
+        del logits
+    temperature, top_p = torch.cat(temperatures), torch.cat(top_ps)
+    if not counted.any():
+        return _zero_loss(temperature, top_p, train_top_p, counts), temperature, top_p
+    out = _combine(torch.cat(ce_temps), torch.cat(ce_tops), base_prob[counted].float(), keep[counted], int(keep.sum()),
+                   counts, dft_weighting=dft_weighting, train_temperature=train_temperature, train_top_p=train_top_p)
+    return out, temperature, top_p
+
+
+def _easy_token_masks(easy, easy_token_drop, easy_token_scope, train_top_p, generator):
+    """(keep, counted, counts): ``keep`` [n] False for the dropped easy tokens (one draw per token),
+    ``counted`` [n] the tokens whose CEs are computed — all of them when the mask is the temperature
+    loss's alone and the top-p loss is trained (it keeps every token), else the kept ones."""
+    dropped = easy_token_drop_mask(easy, easy_token_drop, generator)
+    keep = ~dropped
+    counts = dict(n_tokens=int(easy.numel()), n_easy=int(easy.sum()), n_dropped=int(dropped.sum()))
+    counted = torch.ones_like(keep) if easy_token_scope == "temperature" and train_top_p else keep
+    return keep, counted, counts
+
+
+def _zero_loss(temperature, top_p, train_top_p, counts) -> AutoDecoLoss:
+    """Nothing to learn from: a zero that keeps the heads' graph."""
+    zero = temperature.sum() * 0.0 + (top_p.sum() * 0.0 if train_top_p else 0.0)
+    return AutoDecoLoss(zero, zero.detach(), zero.detach() if train_top_p else None, n_kept=0, **counts)
+
+
+def _combine(ce_temp, ce_top, base_prob, keep, n_kept, counts, *, dft_weighting, train_temperature,
+             train_top_p) -> AutoDecoLoss:
+    """The loss from the counted tokens' CEs: DFT-weighted means (temperature: over the kept tokens)."""
     weight = base_prob.detach() if dft_weighting else torch.ones_like(base_prob)
     kept = keep.to(weight.dtype)
     temp_loss = (ce_temp * weight * kept).sum() / max(n_kept, 1)
-    top_p_loss = (ce_top * weight).sum() / rows.numel() if train_top_p else None
+    top_p_loss = (ce_top * weight).sum() / ce_top.numel() if train_top_p else None
     loss = (temp_loss if train_temperature else 0.0) + (top_p_loss if train_top_p else 0.0)
     return AutoDecoLoss(loss=loss, temp_loss=temp_loss, top_p_loss=top_p_loss, n_kept=n_kept, **counts)
 
 
-__all__ = ["EASY_TOKEN_SCOPES", "soft_top_p_probs", "autodeco_loss", "AutoDecoLoss", "easy_token_drop_mask"]
+__all__ = ["EASY_TOKEN_SCOPES", "soft_top_p_probs", "autodeco_loss", "autodeco_loss_from_hidden", "AutoDecoLoss",
+           "easy_token_drop_mask"]
