@@ -231,15 +231,18 @@ def _run_base(net, ids: torch.Tensor, mask: torch.Tensor, first: int) -> tuple[t
     return hidden, logits
 
 
-def _base_values(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """(easy, base_prob) per row of base logits [n, V], float32 in chunks: the arithmetic of the loss
-    (`heads.training.loss`: argmax of the logits; exp(l_y - max) / sum exp(l - max))."""
+def _base_values(logits: torch.Tensor, targets: torch.Tensor, buffers: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(easy, base_prob) per row of base logits [n, V], float32, ``len(buffers[0])`` rows at a time in
+    the two reused buffers [2, chunk, V]: the arithmetic of the loss (`heads.training.loss`: argmax of
+    the logits; exp(l_y - max) / sum exp(l - max))."""
     easy, prob = [], []
+    chunk = buffers.shape[1]
     for start in range(0, logits.shape[0], chunk):
-        rows = logits[start : start + chunk].float()
+        part = logits[start : start + chunk]
+        rows = buffers[0, : part.shape[0]].copy_(part)
         labels = targets[start : start + chunk].unsqueeze(-1)
         l_max = rows.amax(-1, keepdim=True)
-        total = torch.sub(rows, l_max).exp_().sum(-1)
+        total = torch.sub(rows, l_max, out=buffers[1, : part.shape[0]]).exp_().sum(-1)
         easy.append((rows.argmax(-1) == labels.squeeze(-1)).cpu())
         prob.append((torch.exp(rows.gather(-1, labels) - l_max).squeeze(-1) / total).float().cpu())
     if not easy:
@@ -277,7 +280,7 @@ def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(p) for p in positions])
     total = int(offsets[-1])
-    hidden_size = net.get_output_embeddings().weight.shape[-1]
+    vocab, hidden_size = net.get_output_embeddings().weight.shape
     device = net.get_output_embeddings().weight.device
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
@@ -288,6 +291,7 @@ def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path
         base_prob = np.zeros(total, dtype=np.float32)
         order = sorted((r for r in range(len(rows)) if len(positions[r])), key=lambda r: -len(rows[r][0]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        buffers = torch.empty(2, min(chunk, max(total, 1)), vocab, device=device)  # reused: no page faults per batch
         was_training = net.training
         net.eval()
         try:
@@ -308,7 +312,7 @@ def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path
                                                               for r in batch])).to(device)
                     if number == 0:
                         _check_logits(net, h[:chunk], lg[:chunk])
-                    row_easy, row_prob = _base_values(lg, labels, chunk)
+                    row_easy, row_prob = _base_values(lg, labels, buffers)
                     values = h.to(dtype).cpu()
                     values = values.view(torch.uint16) if dtype == torch.bfloat16 else values
                     values = values.numpy()

@@ -205,8 +205,8 @@ class AutoDecoTrainer(SFTTrainer):
         if "hidden" in inputs:  # a batch of the hidden-state cache: no base forward
             output_layer = net.get_output_embeddings()
             out, temperature, top_p = autodeco_loss_from_hidden(
-                inputs["hidden"].to(output_layer.weight.dtype), output_layer, net.heads_forward, inputs["targets"],
-                inputs["easy"], inputs["base_prob"], **options)
+                inputs["hidden"].to(output_layer.weight.dtype), output_layer, net.temp_head, net.top_p_head,
+                inputs["targets"], inputs["easy"], inputs["base_prob"], **options)
             n_tokens = int(inputs["n_tokens"])
         else:
             input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
