@@ -61,6 +61,8 @@ CRC_BLOCK = 1 << 24
 # The base's logits must be its output embedding applied to the last hidden state: within this
 # relative error of the largest logit (two bf16 roundings of the same product differ by ~2^-8).
 LOGITS_CHECK_RTOL = 1e-2
+CHECK_ROWS = 16  # loss positions of the first batch on which that is checked
+BLOCK_ROWS = 4  # logits rows per block when computing easy / base_prob on CPU (4 x V float32 stay in cache)
 
 __all__ = ["DTYPES", "CacheDamaged", "HiddenCache", "build", "cache_key", "loss_positions", "prepare"]
 
@@ -232,22 +234,22 @@ def _run_base(net, ids: torch.Tensor, mask: torch.Tensor, first: int) -> tuple[t
 
 
 def _base_values(logits: torch.Tensor, targets: torch.Tensor, buffers: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(easy, base_prob) per row of base logits [n, V], float32, ``len(buffers[0])`` rows at a time in
-    the two reused buffers [2, chunk, V]: the arithmetic of the loss (`heads.training.loss`: argmax of
-    the logits; exp(l_y - max) / sum exp(l - max))."""
-    easy, prob = [], []
-    chunk = buffers.shape[1]
-    for start in range(0, logits.shape[0], chunk):
-        part = logits[start : start + chunk]
-        rows = buffers[0, : part.shape[0]].copy_(part)
-        labels = targets[start : start + chunk].unsqueeze(-1)
+    """(easy, base_prob) per row of base logits [n, V]: the arithmetic of the loss in float32
+    (`heads.training.loss`: argmax of the logits; exp(l_y - max) / sum exp(l - max)), a block of
+    ``buffers.shape[1]`` rows at a time in the two reused buffers [2, block, V] (a block that fits in
+    the core's cache: its passes then do not wait on memory)."""
+    block = buffers.shape[1]
+    easy = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
+    prob = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], block):
+        sl = slice(start, start + block)
+        rows = buffers[0, : logits[sl].shape[0]].copy_(logits[sl])
+        labels = targets[sl].unsqueeze(-1)
         l_max = rows.amax(-1, keepdim=True)
-        total = torch.sub(rows, l_max, out=buffers[1, : part.shape[0]]).exp_().sum(-1)
-        easy.append((rows.argmax(-1) == labels.squeeze(-1)).cpu())
-        prob.append((torch.exp(rows.gather(-1, labels) - l_max).squeeze(-1) / total).float().cpu())
-    if not easy:
-        return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32)
-    return torch.cat(easy).numpy(), torch.cat(prob).numpy()
+        easy[sl] = rows.argmax(-1) == targets[sl]
+        total = torch.sub(rows, l_max, out=buffers[1, : rows.shape[0]]).exp_().sum(-1)
+        prob[sl] = torch.exp(rows.gather(-1, labels) - l_max).squeeze(-1) / total
+    return easy.cpu().numpy(), prob.cpu().numpy()
 
 
 def _check_logits(net, hidden: torch.Tensor, logits: torch.Tensor) -> None:
@@ -291,7 +293,8 @@ def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path
         base_prob = np.zeros(total, dtype=np.float32)
         order = sorted((r for r in range(len(rows)) if len(positions[r])), key=lambda r: -len(rows[r][0]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        buffers = torch.empty(2, min(chunk, max(total, 1)), vocab, device=device)  # reused: no page faults per batch
+        block = BLOCK_ROWS if device.type == "cpu" else chunk
+        buffers = torch.empty(2, min(block, max(total, 1)), vocab, device=device)  # reused: no page faults
         was_training = net.training
         net.eval()
         try:
@@ -311,7 +314,7 @@ def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path
                     labels = torch.from_numpy(np.concatenate([np.asarray(rows[r][1], dtype=np.int64)[positions[r] + 1]
                                                               for r in batch])).to(device)
                     if number == 0:
-                        _check_logits(net, h[:chunk], lg[:chunk])
+                        _check_logits(net, h[:CHECK_ROWS], lg[:CHECK_ROWS])
                     row_easy, row_prob = _base_values(lg, labels, buffers)
                     values = h.to(dtype).cpu()
                     values = values.view(torch.uint16) if dtype == torch.bfloat16 else values

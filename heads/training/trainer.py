@@ -308,7 +308,7 @@ class AutoDecoTrainer(SFTTrainer):
         free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free
         if need > (free // 2 if auto else free):
             return off(f"it needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free under {root}")
-        with self.accelerator.main_process_first():  # one process builds, the others then open it
+        with self.accelerator.local_main_process_first():  # one process per machine builds, the others open it
             try:
                 cache = hidden_cache.prepare(
                     net, rows, root, max_length=cfg.max_length, dtype=dtype, batch_size=cfg.per_device_train_batch_size,
@@ -321,7 +321,7 @@ class AutoDecoTrainer(SFTTrainer):
                   f"{cache.nbytes / 2**20:.1f} MiB, {str(cache.dtype).removeprefix('torch.')})", flush=True)
         self._hidden_cache = cache
         self.train_dataset = dataset.add_column(CACHE_ROW, list(range(len(dataset))))
-        self.data_collator = CacheCollator(cache)
+        self.data_collator = CacheCollator(cache, self.data_collator)
         return cache
 
     def _pad_token_id(self) -> int:
@@ -359,12 +359,15 @@ class AutoDecoTrainer(SFTTrainer):
 
 class CacheCollator:
     """Training batches from the hidden-state cache: the rows its examples' ``cache_row`` names, in
-    order (each example's token count is checked against the cache's)."""
+    order (each example's token count is checked against the cache's). Examples without a cache
+    row (an evaluation set) go to the trainer's own collator, ``fallback``."""
 
-    def __init__(self, cache: hidden_cache.HiddenCache):
-        self.cache = cache
+    def __init__(self, cache: hidden_cache.HiddenCache, fallback):
+        self.cache, self.fallback = cache, fallback
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples or CACHE_ROW not in examples[0]:
+            return self.fallback(examples)
         rows = [example[CACHE_ROW] for example in examples]
         for example, row in zip(examples, rows, strict=True):
             if "input_ids" in example and len(example["input_ids"]) != int(self.cache.tokens[row]):
