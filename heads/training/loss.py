@@ -26,6 +26,16 @@ Kernels: ``torch`` (any device) sorts every row in full and is exact; ``numba`` 
 default there) sorts only the head of each row — the tokens holding the first 1 - ε of the
 mass — and gives the tail one common mask, within a proven bound (see "The CPU kernel" below:
 at most α²ε³/8 ≈ 1.2e-7 on a token's top-p CE at the default ε = 1e-3).
+
+From hidden states (`autodeco_loss_from_hidden`, training from `heads.training.hidden_cache`):
+the same objective when the base's last hidden states h at the loss positions are given
+instead of its logits. Per chunk of positions the logits l = lm_head(h) are recomputed into
+reused buffers, the heads run, and the kernel computes the terms; the base-only values (the
+easy flag, the DFT weight) come with h. On CPU the kernel's first pass over a chunk — the exps
+e = exp((l - max l) / T) at the temperature head's T and their sums Σe, Σe·l, Σe² — also gives
+the top-p head's features (max prob, entropy, variance, top-5 mass of softmax(l / T)), so the
+vocabulary is not read a separate time for them; the pass runs two rows at a time so that a
+row's logits and exps are summed while still in cache.
 """
 
 from __future__ import annotations
