@@ -136,6 +136,35 @@ def test_loss_from_hidden_states_equals_the_loss_from_logits(model, rows, kernel
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["temperature-only", "top-p-only", "plain-features", "tiny-temperature"])
+def test_loss_from_hidden_states_equals_the_loss_from_logits_in_the_other_setups(model, rows, case):
+    """One head trained, the top-p head without the distribution features, and a temperature head
+    below min_temperature (the loss then floors T, the features do not: the kernel's own exps)."""
+    options = {"temperature-only": dict(train_top_p=False), "top-p-only": dict(train_temperature=False)}.get(case, {})
+    from heads.modules import TopPHead
+
+    saved, top_p_head = {k: v.clone() for k, v in model.heads_state_dict().items()}, model.top_p_head
+    try:
+        if case == "plain-features":  # a top-p head that reads hidden + T only
+            torch.manual_seed(1)
+            model.top_p_head = TopPHead(model.config.top_p_hidden_size, model.config.head_width, False)
+        if case == "tiny-temperature":
+            with torch.no_grad():
+                model.temp_head.mlp[2].bias.fill_(-9.0)  # T = 2 sigmoid(-9 + ...) ~ 2e-4 < 1e-2
+        reference, reference_grads = _from_logits(model, rows, seed=7, **options)
+        cached, grads, temperature, _ = _from_hidden(model, _cached_inputs(model, rows), seed=7, **options)
+    finally:
+        model.top_p_head = top_p_head
+        model.load_heads(saved)
+    if case == "tiny-temperature":
+        assert temperature.max() < 1e-2
+    torch.testing.assert_close(cached.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        assert (grad - reference_grads[name]).norm() <= 1e-4 * reference_grads[name].norm() + 1e-9, name
+
+
+@pytest.mark.slow
 def test_bfloat16_storage_of_a_float32_base_stays_within_the_stated_tolerance(model, rows, smollm2_path):
     from transformers import AutoModelForCausalLM
 
