@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from harness.core.errors import UserError
 from harness.core.files import atomic_write_json, read_json
@@ -274,8 +275,6 @@ def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path
     those logits. Written under a temporary name beside ``folder`` and renamed when complete; if
     another process finished the same folder meanwhile, its copy is used. Returns the opened cache.
     """
-    from tqdm import tqdm
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     positions = [loss_positions(labels) for _, labels in rows]
@@ -362,10 +361,10 @@ def estimated_bytes(rows, hidden_size: int, dtype: torch.dtype) -> int:
 def prepare(net, rows, root: str | os.PathLike, *, max_length: int | None, dtype: torch.dtype, batch_size: int = 1,
             chunk: int = 256, pad_token_id: int = 0, progress: bool = True,
             warn: Callable[[str], None] | None = None) -> HiddenCache:
-    """The cache of ``rows`` under ``root``: opened when a sound one exists, else built (a damaged
-    one is removed with a warning first)."""
+    """The cache of ``rows`` ((token ids, labels) each) for the AutoDeco model ``net``'s base, under
+    ``root``: opened when a sound one exists, else built (a damaged one is removed with a warning first)."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
-    folder = Path(root) / cache_key(net.llm if hasattr(net, "llm") else net, rows, max_length, dtype)
+    folder = Path(root) / cache_key(net.llm, rows, max_length, dtype)
     if folder.exists():
         try:
             return open_cache(folder, folder.name)

@@ -10,8 +10,9 @@ seeded by (seed, step), DFT weights). With ``hidden_cache`` on (the default ``au
 first runs the base once over the training set and stores its last hidden states
 (`heads.training.hidden_cache`); every step then reads its rows' hidden states from that cache
 and `autodeco_loss_from_hidden` recomputes the logits with the output embedding alone — the same
-objective, same data order and easy-token draws, without the base forward. Only head parameters are trainable; checkpoints
-(``checkpoint-<step>/``, ``final/``) hold config + head tensors only and load with
+objective, same data order and easy-token draws, without the base forward.
+
+Only head parameters are trainable; checkpoints (``checkpoint-<step>/``, ``final/``) hold config + head tensors only and load with
 ``AutoDecoModelForCausalLM.from_pretrained``. Every logged step appends one JSON line to
 ``<output_dir>/log_history.jsonl``: step, loss, temp_loss, top_p_loss, temperature_mean,
 temperature_std, top_p_mean, top_p_std, tokens_per_second (+ learning_rate, grad_norm, epoch).
@@ -31,8 +32,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from harness.core.config import FieldError
 from harness.core.errors import ConfigError, UserError
@@ -181,6 +184,25 @@ def average_gradients(net: torch.nn.Module) -> None:
             param.grad /= world
 
 
+class CacheCollator:
+    """Training batches from the hidden-state cache: the rows its examples' ``cache_row`` names, in
+    order (each example's token count is checked against the cache's). Examples without a cache
+    row (an evaluation set) go to the trainer's own collator, ``fallback``."""
+
+    def __init__(self, cache: hidden_cache.HiddenCache, fallback):
+        self.cache, self.fallback = cache, fallback
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples or CACHE_ROW not in examples[0]:
+            return self.fallback(examples)
+        rows = [example[CACHE_ROW] for example in examples]
+        for example, row in zip(examples, rows, strict=True):
+            if "input_ids" in example and len(example["input_ids"]) != int(self.cache.tokens[row]):
+                raise RuntimeError(f"hidden cache {self.cache.folder}: row {row} has {self.cache.tokens[row]} tokens, "
+                                   f"the dataset's {len(example['input_ids'])}")
+        return self.cache.batch(rows)
+
+
 class AutoDecoTrainer(SFTTrainer):
     """SFTTrainer whose loss is the AutoDeco objective and whose checkpoints hold only the heads."""
 
@@ -268,12 +290,9 @@ class AutoDecoTrainer(SFTTrainer):
 
     def _hidden_cache_obstacle(self) -> str | None:
         """Why this run cannot train from a hidden-state cache, or None."""
-        from datasets import Dataset
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
         if self.is_deepspeed_enabled:
             return "DeepSpeed (ZeRO-3 spreads the base over the processes)"
-        if self.args.packing or self.args.padding_free:
+        if self.args.packing or self.args.padding_free or getattr(self, "padding_free", False):
             return "packed or padding-free batches"
         if not isinstance(self.train_dataset, Dataset):
             return "a streamed dataset"
@@ -355,25 +374,6 @@ class AutoDecoTrainer(SFTTrainer):
         if set(heads) != expected:
             raise ValueError(f"{path}: head tensors {sorted(heads)} do not match the model's {sorted(expected)}")
         net.load_state_dict(heads, strict=False)
-
-
-class CacheCollator:
-    """Training batches from the hidden-state cache: the rows its examples' ``cache_row`` names, in
-    order (each example's token count is checked against the cache's). Examples without a cache
-    row (an evaluation set) go to the trainer's own collator, ``fallback``."""
-
-    def __init__(self, cache: hidden_cache.HiddenCache, fallback):
-        self.cache, self.fallback = cache, fallback
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if not examples or CACHE_ROW not in examples[0]:
-            return self.fallback(examples)
-        rows = [example[CACHE_ROW] for example in examples]
-        for example, row in zip(examples, rows, strict=True):
-            if "input_ids" in example and len(example["input_ids"]) != int(self.cache.tokens[row]):
-                raise RuntimeError(f"hidden cache {self.cache.folder}: row {row} has {self.cache.tokens[row]} tokens, "
-                                   f"the dataset's {len(example['input_ids'])}")
-        return self.cache.batch(rows)
 
 
 class LogHistoryCallback(TrainerCallback):
@@ -500,7 +500,6 @@ def train(cfg: AutoDecoTrainingConfig) -> Path:
     comes right before the first step). Resuming from a checkpoint that already reached the run's
     last step does nothing and says so (the Trainer would take one more step at learning rate 0).
     """
-    from datasets import Dataset
     from transformers import AutoTokenizer
 
     if not cfg.train_file:
