@@ -122,12 +122,9 @@ def _config_text(model: torch.nn.Module) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
-def cache_key(base: torch.nn.Module, rows, max_length: int | None, dtype: torch.dtype,
-              weights: str | None = None) -> str:
-    """The folder name of a cache: a digest of everything the stored values depend on.
-
-    ``weights``: `weights_digest(base)` when already computed."""
-    parts = {"format": FORMAT, "weights": weights or weights_digest(base), "config": _config_text(base),
+def cache_key(base: torch.nn.Module, rows, max_length: int | None, dtype: torch.dtype) -> str:
+    """The folder name of a cache: a digest of everything the stored values depend on."""
+    parts = {"format": FORMAT, "weights": weights_digest(base), "config": _config_text(base),
              "rows": rows_digest(rows), "max_length": max_length, "dtype": str(dtype).removeprefix("torch.")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

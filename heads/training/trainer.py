@@ -319,8 +319,9 @@ class AutoDecoTrainer(SFTTrainer):
             return off(f"not with {obstacle}")
         net = self.accelerator.unwrap_model(self.model)
         dataset = self.train_dataset
-        labels = dataset["labels"] if "labels" in dataset.column_names else dataset["input_ids"]
-        rows = list(zip(dataset["input_ids"], labels, strict=True))
+        columns = dataset.with_format("numpy")  # one int64 array per row, not lists of Python ints
+        ids = list(columns["input_ids"])
+        rows = list(zip(ids, list(columns["labels"]) if "labels" in dataset.column_names else ids, strict=True))
         dtype = net.llm.dtype if cfg.hidden_cache_dtype == "auto" else hidden_cache.DTYPES[cfg.hidden_cache_dtype]
         root = autodeco_home() / "hidden-cache" if auto else Path(cfg.hidden_cache)
         need = hidden_cache.estimated_bytes(rows, net.config.temperature_hidden_size, dtype)
