@@ -541,7 +541,7 @@ def _select_kernel(name: str, device: torch.device, tail_mass: float = DEFAULT_T
     return functools.partial(_terms_torch, base_prob=base_prob)
 
 
-_LOCAL = threading.local()  # per thread: the CPU kernel's three [chunk, V] buffers, reused by every call
+_LOCAL = threading.local()  # per thread: the [chunk, V] scratch buffers (kernel, recomputed logits), reused by every call
 
 
 def _head_terms(temperature, top_p, logits2d, rows, labels, alpha, eps, chunk, terms) -> torch.Tensor:
