@@ -259,7 +259,7 @@ def _damage_targets(folder: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [_damage_truncate, _damage_flip, _damage_meta, _damage_targets])
-def test_a_damaged_cache_is_rebuilt_with_a_warning(model, rows, tmp_path, damage):
+def test_a_damaged_cache_is_rebuilt_with_a_warning(model, rows, tmp_path, damage, monkeypatch):
     warnings = []
     first = hidden_cache.prepare(model, rows, tmp_path, max_length=64, dtype=torch.float32, progress=False,
                                  warn=warnings.append)
@@ -278,12 +278,9 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(model, rows, tmp_path, damage
     # a sound cache is opened as it is: no warning, no rebuild
     built = []
     real_build = hidden_cache.build
-    hidden_cache.build = lambda *a, **k: built.append(1) or real_build(*a, **k)
-    try:
-        hidden_cache.prepare(model, rows, tmp_path, max_length=64, dtype=torch.float32, progress=False,
-                             warn=warnings.append)
-    finally:
-        hidden_cache.build = real_build
+    monkeypatch.setattr(hidden_cache, "build", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    hidden_cache.prepare(model, rows, tmp_path, max_length=64, dtype=torch.float32, progress=False,
+                         warn=warnings.append)
     assert not built and len(warnings) == 1
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary folder left behind
 
