@@ -235,7 +235,8 @@ def _training(bench_subparsers) -> None:
                        help="steps without the cache, for reference (default 3; 0 skips)")
     train.add_argument("--cache-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                        help="storage dtype of the hidden states (auto: the base's)")
-    train.add_argument("--forward-repeats", type=int_at_least(1, 1000), default=3)
+    train.add_argument("--forward-repeats", type=int_at_least(1, 1000), default=5,
+                       help="forwards timed before and after (default 5)")
     train.add_argument("--threads", type=int_at_least(1, 1024), default=2)
     train.add_argument("--out", help="write bench_train.json into this folder")
     train.set_defaults(func=_run("training:train"))
