@@ -141,7 +141,8 @@ def cached_step_parts(model, cache, row_batches, cfg) -> dict[str, list[float]]:
             batch["hidden"].to(output_layer.weight.dtype), output_layer, model.temp_head, model.top_p_head,
             batch["targets"], batch["easy"], batch["base_prob"], alpha=cfg.alpha, easy_token_drop=cfg.easy_token_drop,
             generator=torch.Generator().manual_seed(number), chunk_size=cfg.loss_chunk_size, timings=parts)
-        parts["loss other"] = time.perf_counter() - start - sum(parts[k] for k in ("logits", "heads", "features", "kernel"))
+        inside = sum(parts[k] for k in ("logits", "heads", "features", "kernel"))
+        parts["loss other"] = time.perf_counter() - start - inside
         start = time.perf_counter()
         out.loss.backward()
         parts["backward"] = time.perf_counter() - start
@@ -186,7 +187,8 @@ def train(args) -> int:
         def config(**changes) -> AutoDecoTrainingConfig:
             values = dict(model=args.model, train_file="-", output_dir=tmp, per_device_train_batch_size=batch,
                           gradient_accumulation_steps=1, max_length=length, save_steps=10**9, report_to="none",
-                          logging_steps=10**9, learning_rate=5e-6, disable_tqdm=True, hidden_cache_dtype=args.cache_dtype)
+                          logging_steps=10**9, learning_rate=5e-6, disable_tqdm=True,
+                          hidden_cache_dtype=args.cache_dtype)
             values.update(changes)
             return AutoDecoTrainingConfig(**values)
 
@@ -241,7 +243,8 @@ def train(args) -> int:
         uncached: list[float] = []
         if args.uncached_steps:
             plain = AutoDecoTrainer(model=model, args=config(max_steps=args.uncached_steps + 1, hidden_cache="off"),
-                                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()])
+                                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                    callbacks=[Timer()])
             count = len(step_times)
             plain.train()
             uncached = [seconds for _, seconds in step_times[count + 1 :]]  # its first step warms up
@@ -249,7 +252,8 @@ def train(args) -> int:
         after = [forward_seconds() for _ in range(args.forward_repeats)]
 
     tokens_per_step = batch * length
-    forward_before, forward_after = tokens_per_step / statistics.median(before), tokens_per_step / statistics.median(after)
+    forward_before = tokens_per_step / statistics.median(before)
+    forward_after = tokens_per_step / statistics.median(after)
     cached_steps = [seconds for _, seconds in step_times[1:]]  # the very first step warms up the allocator
     step_median = statistics.median(cached_steps)
     cached_tps = tokens_per_step / step_median

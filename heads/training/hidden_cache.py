@@ -170,7 +170,8 @@ class HiddenCache:
         if self.dtype == torch.bfloat16:
             hidden = hidden.view(torch.bfloat16)
         return {"hidden": hidden, "targets": torch.from_numpy(self.targets[index].astype(np.int64)),
-                "easy": torch.from_numpy(self.easy[index].copy()), "base_prob": torch.from_numpy(self.base_prob[index].copy()),
+                "easy": torch.from_numpy(self.easy[index].copy()),
+                "base_prob": torch.from_numpy(self.base_prob[index].copy()),
                 "n_tokens": torch.tensor(int(self.tokens[rows].sum()))}
 
 

@@ -441,7 +441,8 @@ def _finish_rows(rows: _Rows, heads: np.ndarray, top_p: np.ndarray, alpha: float
     sort, the walk. ``heads`` is a [n, V] float32 scratch buffer; ``rows.work`` is overwritten."""
     _, head, walk = _numba_kernel()
     n = rows.logits.shape[0]
-    targets = np.where((tail_mass <= 0.0) | (top_p >= 1.0 - 1e-9), 2.0, np.maximum(1.0 - tail_mass, 0.5 * (1.0 + top_p)))
+    targets = np.where((tail_mass <= 0.0) | (top_p >= 1.0 - 1e-9), 2.0,
+                       np.maximum(1.0 - tail_mass, 0.5 * (1.0 + top_p)))
     counts = np.zeros(n, dtype=np.int64)
     out = np.zeros((n, 5))
     t64 = rows.temperature
@@ -541,7 +542,7 @@ def _select_kernel(name: str, device: torch.device, tail_mass: float = DEFAULT_T
     return functools.partial(_terms_torch, base_prob=base_prob)
 
 
-_LOCAL = threading.local()  # per thread: the [chunk, V] scratch buffers (kernel, recomputed logits), reused by every call
+_LOCAL = threading.local()  # per thread: the [chunk, V] scratch buffers (kernel, recomputed logits), kept
 
 
 def _head_terms(temperature, top_p, logits2d, rows, labels, alpha, eps, chunk, terms) -> torch.Tensor:
@@ -763,7 +764,8 @@ def autodeco_loss_from_hidden(
     n = hidden.shape[0]
     if hidden.dim() != 2 or targets.shape != (n,) or easy.shape != (n,) or base_prob.shape != (n,):
         raise ValueError(f"autodeco_loss_from_hidden: expected hidden [N, H] and targets/easy/base_prob [N]; got "
-                         f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(easy.shape)}, {tuple(base_prob.shape)}")
+                         f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(easy.shape)}, "
+                         f"{tuple(base_prob.shape)}")
     keep, counted, counts = _easy_token_masks(easy, easy_token_drop, easy_token_scope, train_top_p, generator)
     terms = _select_kernel(kernel, hidden.device, tail_mass, base_prob=False)
     fused = (train_top_p and top_p_head.use_enhanced_features and hidden.device.type == "cpu"

@@ -12,10 +12,11 @@ first runs the base once over the training set and stores its last hidden states
 and `autodeco_loss_from_hidden` recomputes the logits with the output embedding alone — the same
 objective, same data order and easy-token draws, without the base forward.
 
-Only head parameters are trainable; checkpoints (``checkpoint-<step>/``, ``final/``) hold config + head tensors only and load with
-``AutoDecoModelForCausalLM.from_pretrained``. Every logged step appends one JSON line to
-``<output_dir>/log_history.jsonl``: step, loss, temp_loss, top_p_loss, temperature_mean,
-temperature_std, top_p_mean, top_p_std, tokens_per_second (+ learning_rate, grad_norm, epoch).
+Only head parameters are trainable; checkpoints (``checkpoint-<step>/``, ``final/``) hold config +
+head tensors only and load with ``AutoDecoModelForCausalLM.from_pretrained``. Every logged step
+appends one JSON line to ``<output_dir>/log_history.jsonl``: step, loss, temp_loss, top_p_loss,
+temperature_mean, temperature_std, top_p_mean, top_p_std, tokens_per_second (+ learning_rate,
+grad_norm, epoch).
 """
 
 from __future__ import annotations
