@@ -3,9 +3,10 @@
 - loss: forward + backward of the soft top-p loss, chunked (the default kernel: numba on CPU) vs
   the direct autograd form, each run in a fresh process (peak RSS over the inputs), repeats
   interleaved, medians.
-- train: real `AutoDecoTrainer` steps (base no-grad forward, heads, loss, backward, AdamW) vs the
-  base forward alone on the same batch of natural text: the ratio of tokens per second, against
-  the forward timed before the loss ever ran and after (same process).
+- train: real `AutoDecoTrainer` steps vs the base forward alone on the same rows of natural text,
+  in tokens per second: the first epoch (building the hidden-state cache + an epoch read from it)
+  and a cached epoch, where a cached step's time goes, and the forward timed before the loss ever
+  ran and after (same process).
 """
 
 from __future__ import annotations
@@ -108,14 +109,67 @@ def loss(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# autodeco bench train: training tokens/s / base forward-only tokens/s
+# autodeco bench train: training tokens/s / base forward-only tokens/s, first epoch and cached epochs
+
+FIRST_EPOCH_GOAL = 0.7  # training tokens/s of epoch 1 (building the hidden cache included) / forward-only
+CACHED_EPOCH_GOAL = 3.0  # training tokens/s of an epoch read from the cache / forward-only
+PARTS = ("read", "logits", "heads", "features", "kernel", "loss other", "backward", "optimizer")
+
+
+def cached_step_parts(model, cache, row_batches, cfg) -> dict[str, list[float]]:
+    """Seconds per part of a training step read from the cache, per batch of rows: reading the rows
+    (``read``), recomputing the logits (``logits``), the two head MLPs (``heads``), the top-p head's
+    features with the loss kernel's first pass (``features``), the rest of the loss kernel
+    (``kernel``), masks and reduction (``loss other``), ``backward``, AdamW on the heads
+    (``optimizer``). The calls of `AutoDecoTrainer.compute_loss`, timed by the loss's ``timings``."""
+    import torch
+
+    from heads.training.loss import autodeco_loss_from_hidden
+
+    output_layer = model.get_output_embeddings()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    before = [p.detach().clone() for p in params]
+    times: dict[str, list[float]] = {name: [] for name in PARTS}
+    for number, rows in enumerate(row_batches):
+        parts = dict.fromkeys(PARTS, 0.0)
+        start = time.perf_counter()
+        batch = cache.batch(rows)
+        parts["read"] = time.perf_counter() - start
+        start = time.perf_counter()
+        out, _, _ = autodeco_loss_from_hidden(
+            batch["hidden"].to(output_layer.weight.dtype), output_layer, model.temp_head, model.top_p_head,
+            batch["targets"], batch["easy"], batch["base_prob"], alpha=cfg.alpha, easy_token_drop=cfg.easy_token_drop,
+            generator=torch.Generator().manual_seed(number), chunk_size=cfg.loss_chunk_size, timings=parts)
+        inside = sum(parts[k] for k in ("logits", "heads", "features", "kernel"))
+        parts["loss other"] = time.perf_counter() - start - inside
+        start = time.perf_counter()
+        out.loss.backward()
+        parts["backward"] = time.perf_counter() - start
+        start = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad()
+        parts["optimizer"] = time.perf_counter() - start
+        for name, seconds in parts.items():
+            times[name].append(seconds)
+    with torch.no_grad():  # leave the heads as they were
+        for param, value in zip(params, before, strict=True):
+            param.copy_(value)
+    return times
 
 
 def train(args) -> int:
-    """Training tokens/s against base forward-only tokens/s, the forward measured twice in this
-    process: before any loss ran and after the training steps. A kernel that disturbs torch's
-    threads (numba's OpenMP layer did: ~3x slower forwards from then on) shows as after/before < 1,
-    and the ratio is reported against both."""
+    """Training tokens/s against base forward-only tokens/s on SmolLM2, in one process.
+
+    - first epoch: building the hidden-state cache (one base forward over the rows, median of
+      ``--build-repeats`` builds) + one epoch of steps read from it;
+    - cached epoch: an epoch of steps read from the cache (median step);
+    - without the cache (``--uncached-steps``): the base forward in every step, for reference;
+    - where a cached step's time goes (median per part over the rows);
+    - the base forward is timed before any loss ran and again after the training steps: a kernel
+      that disturbs torch's threads (numba's OpenMP layer did: ~3x slower forwards from then on)
+      shows as after/before < 1, and the ratios are reported against both.
+    """
     import tempfile
 
     import torch
@@ -123,31 +177,27 @@ def train(args) -> int:
     from transformers import AutoTokenizer, TrainerCallback
 
     from harness.bench import natural_rows, write_result
+    from heads.training import hidden_cache
+    from heads.training.loss import autodeco_loss_from_hidden
     from heads.training.trainer import AutoDecoTrainer, AutoDecoTrainingConfig, build_model
 
     torch.set_num_threads(args.threads)
-    batch, length = args.batch, args.length
+    batch, length, steps, epochs = args.batch, args.length, args.steps, args.epochs
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = AutoDecoTrainingConfig(
-            model=args.model, train_file="-", output_dir=tmp, per_device_train_batch_size=batch,
-            gradient_accumulation_steps=1, max_steps=args.steps + 1, max_length=length, save_steps=10**9,
-            report_to="none", logging_steps=10**9, learning_rate=5e-6, disable_tqdm=True,
-        )
+        def config(**changes) -> AutoDecoTrainingConfig:
+            values = dict(model=args.model, train_file="-", output_dir=tmp, per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=1, max_length=length, save_steps=10**9, report_to="none",
+                          logging_steps=10**9, learning_rate=5e-6, disable_tqdm=True,
+                          hidden_cache_dtype=args.cache_dtype)
+            values.update(changes)
+            return AutoDecoTrainingConfig(**values)
+
+        cfg = config(num_train_epochs=epochs, hidden_cache=str(Path(tmp) / "cache"))
         model, base_path = build_model(cfg)
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         prompt_len = length // 4  # natural text: the base's real next-token distributions
         rows = [{"input_ids": ids, "completion_mask": [0] * prompt_len + [1] * (length - prompt_len)}
-                for ids in natural_rows(tokenizer, batch * (args.steps + 1), length, stride=13)]
-
-        step_times: list[float] = []
-
-        class Timer(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                self.start = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                step_times.append(time.perf_counter() - self.start)
-
+                for ids in natural_rows(tokenizer, batch * steps, length, stride=13)]
         ids = torch.tensor([r["input_ids"] for r in rows[:batch]])
 
         def forward_seconds() -> float:
@@ -158,25 +208,95 @@ def train(args) -> int:
 
         forward_seconds()  # warm-up
         before = [forward_seconds() for _ in range(args.forward_repeats)]
+
+        step_times: list[tuple[float, float]] = []  # (epoch, seconds)
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, _args, state, *a, **k):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, _args, state, *a, **k):
+                step_times.append((state.epoch, time.perf_counter() - self.start))
+
+        # The cache: its key once (hashing the base's tensors: a fixed cost per run), then builds.
         trainer = AutoDecoTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, callbacks=[Timer()])
+        data = trainer.train_dataset
+        cache_rows = list(zip(data["input_ids"], data["labels"], strict=True))
+        dtype = model.llm.dtype if args.cache_dtype == "auto" else hidden_cache.DTYPES[args.cache_dtype]
+        start = time.perf_counter()
+        key = hidden_cache.cache_key(model.llm, cache_rows, length, dtype)
+        key_seconds = time.perf_counter() - start
+        build_seconds = []
+        for repeat in range(args.build_repeats):
+            folder = Path(cfg.hidden_cache) / (key if repeat == args.build_repeats - 1 else f"repeat-{repeat}")
+            start = time.perf_counter()
+            cache = hidden_cache.build(model, cache_rows, folder, folder.name, dtype, batch_size=batch,
+                                       chunk=cfg.loss_chunk_size, pad_token_id=tokenizer.pad_token_id, progress=False)
+            build_seconds.append(time.perf_counter() - start)
+        warm = cache.batch([0])  # compile the loss kernel (cached on disk) outside the timed steps
+        autodeco_loss_from_hidden(warm["hidden"][:8].to(model.llm.dtype), model.get_output_embeddings(),
+                                  model.temp_head, model.top_p_head, warm["targets"][:8], warm["easy"][:8],
+                                  warm["base_prob"][:8])
         trainer.train()
+        parts = cached_step_parts(model, cache, [list(range(i, i + batch)) for i in range(0, len(rows), batch)], cfg)
+        uncached: list[float] = []
+        if args.uncached_steps:
+            plain = AutoDecoTrainer(model=model, args=config(max_steps=args.uncached_steps + 1, hidden_cache="off"),
+                                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                    callbacks=[Timer()])
+            count = len(step_times)
+            plain.train()
+            uncached = [seconds for _, seconds in step_times[count + 1 :]]  # its first step warms up
+            step_times = step_times[:count]
         after = [forward_seconds() for _ in range(args.forward_repeats)]
-    tokens = batch * length
-    train_tps = tokens / statistics.median(step_times[1:])  # step 1 warms up (kernel compile, allocator)
-    before_tps, after_tps = tokens / statistics.median(before), tokens / statistics.median(after)
-    ratio, ratio_after = train_tps / before_tps, train_tps / after_tps
-    print(f"batch {batch} x length {length} on {args.threads} threads, median of {len(step_times) - 1} steps "
-          f"and {args.forward_repeats} forwards each:")
-    print(f"  training {train_tps:.1f} tokens/s; base forward-only {before_tps:.1f} tokens/s before the loss ran, "
-          f"{after_tps:.1f} after it (after / before = {after_tps / before_tps:.3f}; 1 = no interference)")
-    print(f"ratio training / forward-only = {ratio:.3f} (forward after the loss: {ratio_after:.3f}); "
-          f"goal >= 0.8 (first epoch)")
-    write_result(args.out, "bench_train.json", {
-        "bench": "train", "model": args.model, "batch": batch, "length": length, "threads": args.threads,
-        "train_step_seconds": step_times, "forward_seconds_before": before, "forward_seconds_after": after,
-        "train_tokens_per_second": train_tps, "forward_tokens_per_second_before": before_tps,
-        "forward_tokens_per_second_after": after_tps, "ratio": ratio, "ratio_after": ratio_after, "target": 0.8})
+
+    tokens_per_step = batch * length
+    forward_before = tokens_per_step / statistics.median(before)
+    forward_after = tokens_per_step / statistics.median(after)
+    cached_steps = [seconds for _, seconds in step_times[1:]]  # the very first step warms up the allocator
+    step_median = statistics.median(cached_steps)
+    cached_tps = tokens_per_step / step_median
+    first_seconds = statistics.median(build_seconds) + steps * step_median
+    first_tps = tokens_per_step * steps / first_seconds
+    first_with_key = tokens_per_step * steps / (first_seconds + key_seconds)
+    result = {
+        "bench": "train", "model": args.model, "batch": batch, "length": length, "steps_per_epoch": steps,
+        "epochs": epochs, "threads": args.threads, "cache_dtype": str(dtype).removeprefix("torch."),
+        "forward_seconds_before": before, "forward_seconds_after": after,
+        "forward_tokens_per_second_before": forward_before, "forward_tokens_per_second_after": forward_after,
+        "cache_key_seconds": key_seconds, "cache_build_seconds": build_seconds, "train_step_seconds": step_times,
+        "first_epoch_tokens_per_second": first_tps, "cached_epoch_tokens_per_second": cached_tps,
+        "first_epoch_ratio": first_tps / forward_before, "first_epoch_ratio_after": first_tps / forward_after,
+        "first_epoch_ratio_with_key": first_with_key / forward_before,
+        "cached_epoch_ratio": cached_tps / forward_before, "cached_epoch_ratio_after": cached_tps / forward_after,
+        "goals": {"first_epoch": FIRST_EPOCH_GOAL, "cached_epoch": CACHED_EPOCH_GOAL},
+        "cached_step_parts_seconds": {name: statistics.median(values) for name, values in parts.items()},
+    }
+    if uncached:
+        result["uncached_step_seconds"] = uncached
+        result["uncached_ratio"] = tokens_per_step / statistics.median(uncached) / forward_before
+    print(f"batch {batch} x length {length}, {steps} steps per epoch, {epochs} epochs, {args.threads} threads, "
+          f"cache dtype {result['cache_dtype']}; medians of {len(cached_steps)} cached steps, "
+          f"{len(build_seconds)} cache builds, {args.forward_repeats} forwards each:")
+    print(f"  base forward-only {forward_before:.1f} tokens/s before the loss ran, {forward_after:.1f} after it "
+          f"(after / before = {forward_after / forward_before:.3f}; 1 = no interference)")
+    print(f"  cache build {statistics.median(build_seconds):.2f} s for {tokens_per_step * steps} tokens "
+          f"(+ {key_seconds:.2f} s once per run to hash the base's tensors for the key)")
+    print(f"first-epoch ratio  = {result['first_epoch_ratio']:.3f} (forward after the loss: "
+          f"{result['first_epoch_ratio_after']:.3f}; with the key's hash: {result['first_epoch_ratio_with_key']:.3f}); "
+          f"goal >= {FIRST_EPOCH_GOAL}")
+    print(f"cached-epoch ratio = {result['cached_epoch_ratio']:.3f} (forward after the loss: "
+          f"{result['cached_epoch_ratio_after']:.3f}); goal >= {CACHED_EPOCH_GOAL}")
+    if uncached:
+        print(f"without the cache  = {result['uncached_ratio']:.3f} (median of {len(uncached)} steps)")
+    part_seconds = result["cached_step_parts_seconds"]
+    total = sum(part_seconds.values())
+    print(f"a cached step ({step_median * 1e3:.0f} ms in the trainer; {total * 1e3:.0f} ms in its parts, the rest "
+          f"is the trainer's own work):")
+    for name, seconds in part_seconds.items():
+        print(f"  {name:10s} {seconds * 1e3:8.1f} ms  {seconds / total:6.1%}")
+    write_result(args.out, "bench_train.json", result)
     return 0
 
 

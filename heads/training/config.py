@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from harness.core.config import FieldError
 
 DEFAULT_LOSS_CHUNK = 256  # = heads.training.loss.DEFAULT_CHUNK
+HIDDEN_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto + heads.training.hidden_cache.DTYPES
 
 
 @dataclass
@@ -38,6 +39,12 @@ class AutoDecoArguments:
     min_temperature: float = field(default=1e-2, metadata={"help": "floor on T inside the loss"})
     loss_chunk_size: int = field(default=DEFAULT_LOSS_CHUNK, metadata={
         "help": "positions per loss chunk (memory O(chunk x V))"})
+    hidden_cache: str = field(default="auto", metadata={
+        "help": "train from a cache of the frozen base's last hidden states (one base forward over the data, then "
+                "epochs without it): auto (under $AUTODECO_HOME/hidden-cache when it fits on disk), off, or a folder"})
+    hidden_cache_dtype: str = field(default="auto", metadata={
+        "help": "storage dtype of the cached hidden states: auto (the base's own: exact), float32, bfloat16, float16",
+        "choices": HIDDEN_CACHE_DTYPES})
     wandb_project: str = field(default="autodeco", metadata={"help": "W&B project of the training run"})
 
     def check(self) -> None:
@@ -51,6 +58,9 @@ class AutoDecoArguments:
             (self.max_rows >= 0, "max_rows", "must be >= 0"),
             (0 < self.min_temperature, "min_temperature", "must be > 0"),
             (self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1"),
+            (bool(self.hidden_cache.strip()), "hidden_cache", "must be auto, off or a folder"),
+            (self.hidden_cache_dtype in HIDDEN_CACHE_DTYPES, "hidden_cache_dtype",
+             f"must be one of {', '.join(HIDDEN_CACHE_DTYPES)}"),
         ):
             if not ok:
                 raise FieldError(name, message)

@@ -6,11 +6,17 @@ work too). TRL tokenizes them and masks the prompt (completion-only loss: labels
 
 Per step, `AutoDecoTrainer.compute_loss` runs the base forward under ``no_grad``, the heads with
 gradients, and `heads.training.loss.autodeco_loss` (temperature + soft top-p loss, easy-token masking
-seeded by (seed, step), DFT weights). Only head parameters are trainable; checkpoints
-(``checkpoint-<step>/``, ``final/``) hold config + head tensors only and load with
-``AutoDecoModelForCausalLM.from_pretrained``. Every logged step appends one JSON line to
-``<output_dir>/log_history.jsonl``: step, loss, temp_loss, top_p_loss, temperature_mean,
-temperature_std, top_p_mean, top_p_std, tokens_per_second (+ learning_rate, grad_norm, epoch).
+seeded by (seed, step), DFT weights). With ``hidden_cache`` on (the default ``auto``), training
+first runs the base once over the training set and stores its last hidden states
+(`heads.training.hidden_cache`); every step then reads its rows' hidden states from that cache
+and `autodeco_loss_from_hidden` recomputes the logits with the output embedding alone — the same
+objective, same data order and easy-token draws, without the base forward.
+
+Only head parameters are trainable; checkpoints (``checkpoint-<step>/``, ``final/``) hold config +
+head tensors only and load with ``AutoDecoModelForCausalLM.from_pretrained``. Every logged step
+appends one JSON line to ``<output_dir>/log_history.jsonl``: step, loss, temp_loss, top_p_loss,
+temperature_mean, temperature_std, top_p_mean, top_p_std, tokens_per_second (+ learning_rate,
+grad_norm, epoch).
 """
 
 from __future__ import annotations
@@ -20,28 +26,34 @@ import enum
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from harness.core.config import FieldError
 from harness.core.errors import ConfigError, UserError
-from harness.core.files import atomic_write, iter_jsonl
+from harness.core.files import atomic_write, check_output_folder, iter_jsonl
+from harness.core.paths import autodeco_home
 from harness.core.seeds import stable_seed
 from harness.models import is_autodeco, resolve_model
 from harness.tracking import resolve_mode
 from heads.model import AutoDecoModelForCausalLM
+from heads.training import hidden_cache
 from heads.training.config import AutoDecoArguments
-from heads.training.loss import autodeco_loss
+from heads.training.loss import autodeco_loss, autodeco_loss_from_hidden
 
 HEAD_PREFIXES = ("temp_head.", "top_p_head.")
 LOG_FILE = "log_history.jsonl"
 CONFIG_FILE = "train_config.yaml"
+CACHE_ROW = "cache_row"  # the training dataset's column naming each row's place in the hidden-state cache
 
 __all__ = ["AutoDecoTrainer", "AutoDecoTrainingConfig", "LogHistoryCallback", "train"]
 
@@ -180,11 +192,31 @@ def average_gradients(net: torch.nn.Module) -> None:
             param.grad /= world
 
 
+class CacheCollator:
+    """Training batches from the hidden-state cache: the rows its examples' ``cache_row`` names, in
+    order (each example's token count is checked against the cache's). Examples without a cache
+    row (an evaluation set) go to the trainer's own collator, ``fallback``."""
+
+    def __init__(self, cache: hidden_cache.HiddenCache, fallback):
+        self.cache, self.fallback = cache, fallback
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples or CACHE_ROW not in examples[0]:
+            return self.fallback(examples)
+        rows = [example[CACHE_ROW] for example in examples]
+        for example, row in zip(examples, rows, strict=True):
+            if "input_ids" in example and len(example["input_ids"]) != int(self.cache.tokens[row]):
+                raise RuntimeError(f"hidden cache {self.cache.folder}: row {row} has {self.cache.tokens[row]} tokens, "
+                                   f"the dataset's {len(example['input_ids'])}")
+        return self.cache.batch(rows)
+
+
 class AutoDecoTrainer(SFTTrainer):
     """SFTTrainer whose loss is the AutoDeco objective and whose checkpoints hold only the heads."""
 
     def __init__(self, *args, **kwargs):
         self._micro = (-1, 0)  # (optimizer step, micro-batch index within it): seeds the easy-token mask
+        self._hidden_cache: hidden_cache.HiddenCache | None = None
         super().__init__(*args, **kwargs)
         # Our loss is a per-micro-batch mean: the Trainer must average it over accumulation steps.
         self.loss_is_scaled_for_ga = False
@@ -193,24 +225,32 @@ class AutoDecoTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.args
         net = self.accelerator.unwrap_model(model)
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        with torch.no_grad():
-            hidden, base_logits, _ = net.base_forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        temperature, top_p = net.heads_forward(hidden, base_logits)
         step = self.state.global_step
         self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
         generator = torch.Generator().manual_seed(step_seed(self.args.seed, step, self._micro[1]))
-        out = autodeco_loss(
-            base_logits, temperature, top_p, inputs["labels"],
-            train_temperature=cfg.train_temperature, train_top_p=cfg.train_top_p, alpha=cfg.alpha,
-            easy_token_drop=cfg.easy_token_drop, easy_token_scope=cfg.easy_token_scope,
-            dft_weighting=cfg.dft_weighting, generator=generator,
-            min_temperature=cfg.min_temperature, chunk_size=cfg.loss_chunk_size,
-        )
+        options = dict(train_temperature=cfg.train_temperature, train_top_p=cfg.train_top_p, alpha=cfg.alpha,
+                       easy_token_drop=cfg.easy_token_drop, easy_token_scope=cfg.easy_token_scope,
+                       dft_weighting=cfg.dft_weighting, generator=generator, min_temperature=cfg.min_temperature,
+                       chunk_size=cfg.loss_chunk_size)
+        if "hidden" in inputs:  # a batch of the hidden-state cache: no base forward
+            output_layer = net.get_output_embeddings()
+            out, temperature, top_p = autodeco_loss_from_hidden(
+                inputs["hidden"].to(output_layer.weight.dtype), output_layer, net.temp_head, net.top_p_head,
+                inputs["targets"], inputs["easy"], inputs["base_prob"], **options)
+            n_tokens = int(inputs["n_tokens"])
+        else:
+            input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+            with torch.no_grad():
+                hidden, base_logits, _ = net.base_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                                          use_cache=False)
+            temperature, top_p = net.heads_forward(hidden, base_logits)
+            out = autodeco_loss(base_logits, temperature, top_p, inputs["labels"], **options)
+            completion = inputs["labels"][:, 1:] != -100
+            temperature, top_p = temperature[:, :-1][completion], top_p[:, :-1][completion]
+            n_tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
         mode = "train" if model.training else "eval"
-        completion = inputs["labels"][:, 1:] != -100
-        t_mean, t_std = mean_std(temperature[:, :-1][completion])
-        p_mean, p_std = mean_std(top_p[:, :-1][completion])
+        t_mean, t_std = mean_std(temperature)
+        p_mean, p_std = mean_std(top_p)
         metrics = self._metrics[mode]
         metrics["temp_loss"].append(out.temp_loss.item())
         if out.top_p_loss is not None:
@@ -221,7 +261,6 @@ class AutoDecoTrainer(SFTTrainer):
         metrics["top_p_std"].append(p_std)
         metrics["kept_tokens"].append(float(out.n_kept))
         metrics["easy_fraction"].append(out.n_easy / max(out.n_tokens, 1))
-        n_tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
         self._total_train_tokens += int(self.accelerator.gather_for_metrics(torch.tensor(n_tokens)).sum())
         metrics["num_tokens"] = [self._total_train_tokens]
         return (out.loss, out) if return_outputs else out.loss
@@ -251,7 +290,74 @@ class AutoDecoTrainer(SFTTrainer):
             return
         super()._save_optimizer_and_scheduler(output_dir)
 
+    # -- the hidden-state cache -------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if CACHE_ROW not in self._signature_columns:  # keep the cache's row numbers in the batches
+            self._signature_columns = [*self._signature_columns, CACHE_ROW]
+
+    def _hidden_cache_obstacle(self) -> str | None:
+        """Why this run cannot train from a hidden-state cache, or None."""
+        if self.is_deepspeed_enabled:
+            return "DeepSpeed (ZeRO-3 spreads the base over the processes)"
+        if self.args.packing or self.args.padding_free or getattr(self, "padding_free", False):
+            return "packed or padding-free batches"
+        if not isinstance(self.train_dataset, Dataset):
+            return "a streamed dataset"
+        if not isinstance(self.data_collator, (DataCollatorForLanguageModeling, CacheCollator)):
+            return "a custom data collator"
+        return None
+
+    def use_hidden_cache(self) -> hidden_cache.HiddenCache | None:
+        """Open (or build: one base forward over the training set, with a progress bar) the hidden-state
+        cache that ``hidden_cache`` asks for, and make the training batches read it. None when off."""
+        cfg = self.args
+        if self._hidden_cache is not None or cfg.hidden_cache == "off":
+            return self._hidden_cache
+        auto = cfg.hidden_cache == "auto"
+
+        def off(reason: str) -> None:
+            if not auto:
+                raise ConfigError(f"hidden_cache {cfg.hidden_cache}: {reason} (use hidden_cache off)")
+            if self.is_world_process_zero():
+                print(f"hidden cache: off ({reason})", flush=True)
+
+        obstacle = self._hidden_cache_obstacle()
+        if obstacle:
+            return off(f"not with {obstacle}")
+        net = self.accelerator.unwrap_model(self.model)
+        dataset = self.train_dataset
+        columns = dataset.with_format("numpy")  # one int64 array per row, not lists of Python ints
+        ids = list(columns["input_ids"])
+        rows = list(zip(ids, list(columns["labels"]) if "labels" in dataset.column_names else ids, strict=True))
+        dtype = net.llm.dtype if cfg.hidden_cache_dtype == "auto" else hidden_cache.DTYPES[cfg.hidden_cache_dtype]
+        root = autodeco_home() / "hidden-cache" if auto else Path(cfg.hidden_cache)
+        need = hidden_cache.estimated_bytes(rows, net.config.temperature_hidden_size, dtype)
+        free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free
+        if need > (free // 2 if auto else free):
+            return off(f"it needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free under {root}")
+        with self.accelerator.local_main_process_first():  # one process per machine builds, the others open it
+            try:
+                cache = hidden_cache.prepare(
+                    net, rows, root, max_length=cfg.max_length, dtype=dtype, batch_size=cfg.per_device_train_batch_size,
+                    chunk=cfg.loss_chunk_size, pad_token_id=self._pad_token_id(),
+                    progress=not cfg.disable_tqdm and self.is_local_process_zero())
+            except hidden_cache.CacheUnusable as err:
+                return off(str(err).removeprefix("hidden_cache: "))
+        if self.is_world_process_zero():
+            print(f"hidden cache: {cache.folder} ({cache.rows} rows, {cache.positions} loss positions, "
+                  f"{cache.nbytes / 2**20:.1f} MiB, {str(cache.dtype).removeprefix('torch.')})", flush=True)
+        self._hidden_cache = cache
+        self.train_dataset = dataset.add_column(CACHE_ROW, list(range(len(dataset))))
+        self.data_collator = CacheCollator(cache, self.data_collator)
+        return cache
+
+    def _pad_token_id(self) -> int:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return int(getattr(tokenizer, "pad_token_id", None) or 0)
+
     def train(self, *args, **kwargs):
+        self.use_hidden_cache()
         if not self.is_deepspeed_enabled:
             return super().train(*args, **kwargs)
         # A DeepSpeed engine checkpoint saved without the frozen base can only load non-strictly.
@@ -403,7 +509,6 @@ def train(cfg: AutoDecoTrainingConfig) -> Path:
     comes right before the first step). Resuming from a checkpoint that already reached the run's
     last step does nothing and says so (the Trainer would take one more step at learning rate 0).
     """
-    from datasets import Dataset
     from transformers import AutoTokenizer
 
     if not cfg.train_file:
@@ -415,6 +520,8 @@ def train(cfg: AutoDecoTrainingConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
+    if cfg.hidden_cache not in ("auto", "off"):
+        check_output_folder(cfg.hidden_cache, flag="hidden_cache")
     rows = read_prompt_completion(cfg.train_file, cfg.max_rows)
     resume = _resume_target(cfg)
     created = not out.exists()
