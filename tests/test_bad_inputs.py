@@ -132,7 +132,7 @@ CASES = [
     case("show-option-no-equals", lambda t, m: ["tasks", "show", "arith", "--task-option", "n"], "--task-option", "'n'"),
     case("show-option-difficulty", lambda t, m: ["tasks", "show", "arith", "--task-option", "difficulty=9"],
          "difficulty", "9"),
-    case("show-option-split", lambda t, m: ["tasks", "show", "arith", "--task-option", "split=dev"], "split", "dev"),
+    case("show-option-split", lambda t, m: ["tasks", "show", "arith", "--task-option", "split=validation"], "split", "validation"),
     case("show-option-seed-text", lambda t, m: ["tasks", "show", "arith", "--task-option", "seed=abc"], "seed", "abc"),
     case("show-option-lcb-date", lambda t, m: ["tasks", "show", "livecodebench", "--task-option", "start_date=soon",
                                                "--data-dir", data_dir(t, "livecodebench.jsonl", "")],
