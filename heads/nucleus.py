@@ -14,12 +14,14 @@ of 64 plus two tiny top-k's replaces a vocabulary-wide top-k (slow on CPU) or so
 
 Rows whose k candidates do not reach P (flat rows, P near 1: a third to two thirds of the rows
 of a real model at P 0.9-0.99), or whose boundary ties the last candidate, go together through
-one vectorised pass (no loop over rows): a histogram of their mass over rungs of z (0.5 nats
-each, value ranges, so any set of top rungs is a prefix of the sorted order) picks, per row, the
-fewest top rungs whose mass reaches P with a margin; only those tokens are sorted (a few hundred
-to a few thousand instead of the vocabulary), with the reference's own arithmetic on them. A
-row whose sorted candidates still miss P (the margin did not cover rounding) is sorted whole, so
-the result is always exact.
+one vectorised pass (no loop over rows): a histogram of their mass over rungs of z (value
+ranges, 1/32 of 1 + depth wide, so any set of top rungs is a prefix of the sorted order) gives,
+per row, the band of rungs where the cumulative mass crosses P ± a margin (1e-4, or a tenth of
+1 − P where that is less: near P = 1 a fixed margin would put the whole tail in the band). Tokens
+above the band are kept and only their exact mass sum is needed; only the band's tokens are
+sorted (a few hundred to a few thousand instead of the vocabulary), with the reference's own
+arithmetic on them. A row whose band misses the crossing (the margin did not cover rounding) is
+sorted whole, so the result is always exact.
 
 Self-contained (torch; numpy's faster sort where it is installed): copied next to saved
 checkpoints for trust_remote_code loading.
@@ -46,7 +48,8 @@ KEY_SHIFT = 18
 MAX_DEPTH = 64.0  # tokens deeper than this below the row max share the last rung
 KEY_FIRST = struct.unpack("<i", struct.pack("<f", 1.0))[0] >> KEY_SHIFT
 N_KEYS = (struct.unpack("<i", struct.pack("<f", 1.0 + MAX_DEPTH))[0] >> KEY_SHIFT) - KEY_FIRST + 1
-MARGIN = 1e-4  # the chosen rungs' mass (float32 sums) must exceed P by this much
+MARGIN = 1e-4  # the chosen rungs' mass (float32 sums) must exceed P by this much ...
+TAIL_SHARE, MIN_MARGIN = 0.1, 1e-6  # ... or by a tenth of 1 - P (not below 1e-6) where that is less
 
 
 @dataclass
@@ -200,9 +203,10 @@ def _slow_thresholds_cpu(z: torch.Tensor, row_max: torch.Tensor, lse: torch.Tens
                           minlength=n * N_KEYS).numpy().reshape(n, N_KEYS)
     cumulative = hist.cumsum(-1, dtype=np.float64)
     p = top_p.double().numpy()[:, None]
+    margin = np.clip(TAIL_SHARE * (1.0 - p), MIN_MARGIN, MARGIN)  # near P = 1 the tail itself is the band
     offsets = np.arange(n) * N_KEYS
-    low = (cumulative < (p - MARGIN) * cumulative[:, -1:]).sum(-1) + offsets  # first key of the band
-    high = np.minimum((cumulative < (p + MARGIN) * cumulative[:, -1:]).sum(-1), N_KEYS - 1) + offsets
+    low = (cumulative < (p - margin) * cumulative[:, -1:]).sum(-1) + offsets  # first key of the band
+    high = np.minimum((cumulative < (p + margin) * cumulative[:, -1:]).sum(-1), N_KEYS - 1) + offsets
 
     flat = np.flatnonzero(keys <= high.astype(np.int32)[:, None])  # candidates, row-major
     values = zn.ravel()[flat]

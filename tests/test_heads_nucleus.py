@@ -138,7 +138,7 @@ def smollm2_logits(smollm2_path, n=40):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
 def test_real_logits_at_realistic_top_p(smollm2_logits, temperature):
     z = smollm2_logits / temperature
-    for top_p in (0.8, 0.9, 0.95, 0.99, 0.999):
+    for top_p in (0.8, 0.9, 0.95, 0.99, 0.999, 0.9999, 0.99999):  # the last two: a top-p head near P = 1
         p = torch.full((z.shape[0],), top_p)
         assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p)), top_p
     g = torch.Generator().manual_seed(6)
@@ -159,6 +159,16 @@ def _spy_full_sorts(monkeypatch):
 
     monkeypatch.setattr(nucleus, "_full_sort_thresholds", spy)
     return rows
+
+
+def test_near_one_the_narrow_band_still_holds_the_crossing(smollm2_logits, monkeypatch):
+    """At P = 0.9999 the band is a tenth of the tail wide (TAIL_SHARE): the crossing still lies in
+    it for real logits (no whole-row sort), and the result is the reference's."""
+    rows = _spy_full_sorts(monkeypatch)
+    z = smollm2_logits
+    p = torch.full((z.shape[0],), 0.9999)
+    assert torch.equal(nucleus_filter(z, p), sorted_reference(z, p))
+    assert sum(rows) == 0
 
 
 def test_slow_path_falls_back_to_whole_rows(monkeypatch):
