@@ -2,7 +2,9 @@
 
 Every prompt of a config is sent under every command (the command's text appended to the user
 message after one space; the baseline command adds nothing), with the `autodeco` preset, so the
-heads both predict and apply T_t and P_t. We keep each generated token's predicted T and P and
+heads both predict and apply T_t and P_t. A command may carry several wordings (``text`` a list):
+prompt i then gets wording i mod k, so one file measures a whole set of phrasings per direction
+(configs/steer/heldout.yaml: wordings and prompts that steering training never saw). We keep each generated token's predicted T and P and
 report, per command, the paper's Table 4 quantities:
 
 - avg T / avg P: mean over prompts of the prompt's mean over seeds of the per-sample mean (over
@@ -21,9 +23,10 @@ Output: `<out>/<model_name>/steer_<timestamp>.json`, written atomically:
      "config": {"model": str, "model_path": str, "model_name": str, "backend": str,
                 "decoding": "autodeco", "seeds": [int], "max_tokens": int, "n_prompts": int,
                 "config_file": str | null, "baseline": str,
-                "commands": [{"name": str, "text": str | null, "direction": "lower"|"higher"|null}]},
+                "commands": [{"name": str, "text": str | [str] | null, "direction": "lower"|"higher"|null}],
+                "targeted_training": {...} | null},              # the heads' steering_training.json
      "prompts": [str],                                  # prompt_index = position in this list
-     "samples": [{"prompt_index": int, "command": str, "seed": int, "n_tokens": int,
+     "samples": [{"prompt_index": int, "command": str, "text": str | null, "seed": int, "n_tokens": int,
                   "finish_reason": str, "response": str, "temperature_mean": float,
                   "top_p_mean": float, "trace": {"T": [float], "P": [float]}}],   # compact trace
      "per_prompt": [{"prompt_index": int, "command": str, "temperature_mean": float,
@@ -36,7 +39,10 @@ Output: `<out>/<model_name>/steer_<timestamp>.json`, written atomically:
      "git_hash": str | null, "date": float}
 
 Samples are ordered by command (config order), then prompt, then seed; the baseline's deltas and
-consistencies are null.
+consistencies are null. A sample's ``text`` is the wording it got (null for the baseline).
+``targeted_training`` is what steering training wrote next to the heads (`STEER_PROVENANCE`:
+``init_from``, the wordings and prompts it trained on, ...), null for heads never trained to
+follow commands.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ DEFAULT_CONFIG = CONFIGS_DIR / "steer" / "default.yaml"
 DEFAULT_SEEDS = 1
 DEFAULT_MAX_TOKENS = 128
 DIRECTIONS = {"lower": -1, "higher": 1}
+STEER_PROVENANCE = "steering_training.json"  # written next to heads trained by `autodeco train-steer`
 
 
 class SteerError(UserError, ValueError):
@@ -70,8 +77,17 @@ class SteerError(UserError, ValueError):
 @dataclass(frozen=True)
 class Command:
     name: str
-    text: str | None  # None: the baseline (no command)
+    text: str | tuple[str, ...] | None  # None: the baseline (no command); a tuple: several wordings
     direction: str | None = None  # "lower" | "higher"; None for the baseline
+
+    @property
+    def wordings(self) -> tuple[str, ...]:
+        """Every wording of the command (none for the baseline)."""
+        return () if self.text is None else (self.text,) if isinstance(self.text, str) else self.text
+
+    def wording(self, prompt_index: int) -> str | None:
+        """The wording prompt ``prompt_index`` gets: wording i mod k (None for the baseline)."""
+        return self.wordings[prompt_index % len(self.wordings)] if self.wordings else None
 
 
 @dataclass
@@ -119,8 +135,12 @@ def _commands(path: Path, raw) -> list[Command]:
         if not isinstance(spec, dict) or set(spec) - {"text", "direction"}:
             raise SteerError(f"{path}: commands.{name} must be a mapping with keys text, direction")
         text, direction = spec.get("text"), spec.get("direction")
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise SteerError(f"{path}: commands.{name}.text must be a non-empty string or null")
+        if isinstance(text, list):
+            if not text or not all(isinstance(t, str) and t.strip() for t in text) or len(set(text)) != len(text):
+                raise SteerError(f"{path}: commands.{name}.text as a list must hold distinct non-empty strings")
+            text = tuple(text)
+        elif text is not None and (not isinstance(text, str) or not text.strip()):
+            raise SteerError(f"{path}: commands.{name}.text must be a non-empty string, a list of them, or null")
         if text is None and direction is not None:
             raise SteerError(f"{path}: commands.{name} has no text (the baseline) but a direction")
         if text is not None and direction not in DIRECTIONS:
@@ -138,9 +158,11 @@ def baseline_of(commands: list[Command]) -> Command:
     return next(c for c in commands if c.text is None)
 
 
-def user_message(prompt: str, command: Command) -> str:
-    """The user turn: the prompt, then the command's text after one space (none for the baseline)."""
-    return prompt if command.text is None else f"{prompt} {command.text}"
+def user_message(prompt: str, command: Command, prompt_index: int = 0) -> str:
+    """The user turn: the prompt, then the command's wording for this prompt after one space (none
+    for the baseline)."""
+    text = command.wording(prompt_index)
+    return prompt if text is None else f"{prompt} {text}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +183,7 @@ def measure_steering(backend: Backend, prompts: list[str], commands: list[Comman
         for command in commands:
             bar.set_description(f"steer {command.name}")
             requests = [
-                Request(key=f"steer/{i}", prompt=chat_prompt(backend.tokenizer, user_message(p, command)),
+                Request(key=f"steer/{i}", prompt=chat_prompt(backend.tokenizer, user_message(p, command, i)),
                         preset=preset, seed=seed, n=1, max_tokens=max_tokens)
                 for i, p in enumerate(prompts) for seed in seeds
             ]
@@ -190,7 +212,8 @@ def _sample(command: Command, request: Request, completion) -> dict:
         raise SteerError(f"{request.key} under {command.name!r}: the backend returned no per-token T/P "
                          f"(steering needs an AutoDeco model)")
     temps, top_ps = completion.temperatures, completion.top_ps
-    return {"prompt_index": int(request.key.rsplit("/", 1)[1]), "command": command.name, "seed": request.seed,
+    index = int(request.key.rsplit("/", 1)[1])
+    return {"prompt_index": index, "command": command.name, "text": command.wording(index), "seed": request.seed,
             "n_tokens": completion.n_tokens, "finish_reason": completion.finish_reason,
             "response": completion.text, "temperature_mean": statistics.fmean(temps),
             "top_p_mean": statistics.fmean(top_ps), "trace": {"T": compact(temps), "P": compact(top_ps)}}
@@ -260,4 +283,20 @@ def run_config(model: str, model_path: str, model_name: str, backend: str, confi
             "decoding": "autodeco", "seeds": list(seeds), "max_tokens": max_tokens,
             "n_prompts": len(config.prompts), "config_file": config.path,
             "baseline": baseline_of(config.commands).name,
-            "commands": [{"name": c.name, "text": c.text, "direction": c.direction} for c in config.commands]}
+            "commands": [{"name": c.name, "text": list(c.text) if isinstance(c.text, tuple) else c.text,
+                          "direction": c.direction} for c in config.commands],
+            "targeted_training": targeted_training(model_path)}
+
+
+def targeted_training(model_path: str | Path) -> dict | None:
+    """What `autodeco train-steer` recorded next to these heads (`STEER_PROVENANCE`), or None."""
+    path = Path(model_path) / STEER_PROVENANCE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SteerError(f"{path}: unreadable steering provenance ({err})") from None
+    if not isinstance(data, dict):
+        raise SteerError(f"{path}: expected a JSON object")
+    return data
