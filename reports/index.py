@@ -138,7 +138,7 @@ def _traces(i: Inputs, o: Path, opt: Options) -> list[Path]:
         "Table 4 + Figure 5: T/P under natural-language commands (steer_*.json from `autodeco steer`) "
         "next to the paper's Table 4")
 def _steering(i: Inputs, o: Path, opt: Options) -> list[Path]:
-    return report_steering(i.steering, o, i.aliases)
+    return report_steering(i.steering, o, i.aliases, runs=i.runs)
 
 
 @report("training", "Figure 6: training curves and candidate checkpoints",

@@ -2,7 +2,13 @@
 
 Reads `steer_*.json` (schema in harness/steer.py and DESIGN.md) and writes:
 - `steering` — Table 4's layout (avg T / avg P per command, Δ vs baseline, consistency), the
-  paper's published rows first, then ours, one block per file;
+  paper's published rows first, then ours, one block per file: heads without steering training
+  first, then heads trained by `autodeco train-steer` (a file's ``config.targeted_training``), each
+  row saying which it is; the notes say how many of a file's prompts and wordings that training saw;
+- `steering_accuracy` — when results files of a steering-trained model and of the model it started
+  from (``targeted_training.init_from``) share a task under the `autodeco` preset: both Pass@1 with
+  their 95% intervals and the paired difference (harness.stats), i.e. what steering training cost
+  in accuracy without a command;
 - `steering_prompts` — per prompt: baseline T and P and each command's ΔT, ΔP (the data behind
   the deltas figure);
 - `steering_traces` — Figure 5: for up to three prompts, T and P along the generation under the
@@ -17,9 +23,10 @@ import json
 import re
 from pathlib import Path
 
+from harness.stats import paired_difference, pass1_estimate
 from reports.paper import load_paper
-from reports.render import Table, new_figure, save_figure, write_table
-from reports.runs import ReportInputError, find_files
+from reports.render import Interval, Table, new_figure, save_figure, write_table
+from reports.runs import ReportInputError, Run, find_files
 
 STEER_GLOB = "steer_*.json"
 # our command name -> the paper's Table 4 keys (value, consistency) and its column header
@@ -69,6 +76,51 @@ def _header(command: str) -> str:
     return PAPER_COMMANDS[command][2] if command in PAPER_COMMANDS else command
 
 
+def _trained(data: dict) -> dict | None:
+    """The file's steering-training provenance (None: heads never trained to follow commands)."""
+    return data["config"].get("targeted_training")
+
+
+def _resolved(path: str | None) -> str | None:
+    return None if not path else str(Path(path).expanduser().resolve())
+
+
+def _stage(data: dict, files: list[dict]) -> str:
+    """after steering training / before steering training / no steering training."""
+    if _trained(data):
+        return "after steering training"
+    starts = {_resolved(_trained(d).get("init_from")) for d in files if _trained(d)}
+    return "before steering training" if _resolved(data["config"].get("model_path")) in starts else \
+        "no steering training"
+
+
+def _wordings(data: dict) -> set[str]:
+    """Every command wording a file used (a command's text is a string or a list)."""
+    found = set()
+    for command in data["config"]["commands"]:
+        text = command.get("text")
+        found.update([text] if isinstance(text, str) else text or [])
+    return found
+
+
+def _training_note(data: dict, label: str) -> str:
+    """Where a file's heads came from; for steering-trained heads, what of this file they saw."""
+    c = data["config"]
+    note = f"{label}: heads from {c.get('model_path', '?')}, backend {c.get('backend', '?')}"
+    trained = _trained(data)
+    if not trained:
+        return note + "; never trained to follow commands."
+    info = trained.get("data") or {}
+    seen_prompts = len(set(data["prompts"]) & set(trained.get("prompts") or []))
+    used = _wordings(data)
+    seen_words = len(used & (set(trained.get("lower_wordings") or []) | set(trained.get("higher_wordings") or [])))
+    return (note + f"; steering-trained (`autodeco train-steer`, ranking loss) from {trained.get('init_from', '?')} "
+            f"on {info.get('n_triples', '?')} triples of {info.get('n_prompts', '?')} prompts with "
+            f"{info.get('n_lower_wordings', '?')} + {info.get('n_higher_wordings', '?')} command wordings. Seen in "
+            f"that training: {seen_prompts} of this file's {len(data['prompts'])} prompts, {seen_words} of its "
+            f"{len(used)} wordings.")
+
+
 def table4(files: list[dict], labels: list[str], name: str = "steering") -> Table:
     commands = _commands(files)
     columns = ["Source", "Quantity", "Baseline"]
@@ -100,13 +152,14 @@ def table4(files: list[dict], labels: list[str], name: str = "steering") -> Tabl
         f"Paper: {load_paper()['paper']}, Table 4 ({paper['title'].split(': ', 1)[-1]}); source {source}; "
         "its Δ is computed here from the published averages. The paper's heads were trained for this "
         "(targeted training with a ranking loss on command-bearing prompts).",
-        "Ours: measured by `autodeco steer` with the heads exactly as the named model folder has them — "
-        "no targeted training here, so nothing teaches the heads to follow the commands. N = prompts × seeds; "
-        "avg = mean over prompts of the per-sample mean over generated tokens; Δ = command − baseline; "
-        "consistency = fraction of prompts whose mean T (P) moved in the command's direction vs the same "
-        "prompt's baseline (low → lower, high → higher).",
-    ] + [f"{label}: heads from {data['config'].get('model_path', '?')}, backend {data['config'].get('backend', '?')}."
-         for data, label in zip(files, labels, strict=True)]
+        "Ours: measured by `autodeco steer` with the heads exactly as the named model folder has them: "
+        "'no/before steering training' = heads trained only by `autodeco train` (nothing taught them the "
+        "commands); 'after steering training' = the same heads continued by `autodeco train-steer` (our "
+        "ranking-loss targeted training). N = prompts × seeds; avg = mean over prompts of the per-sample mean "
+        "over generated tokens; Δ = command − baseline; consistency = fraction of prompts whose mean T (P) "
+        "moved in the command's direction vs the same prompt's baseline (low → lower, high → higher). "
+        "A command with several wordings gives prompt i wording i mod k.",
+    ] + [_training_note(data, label) for data, label in zip(files, labels, strict=True)]
     return Table(name=name, title="Table 4 (ours): steering T and P by natural-language commands",
                  columns=columns, rows=rows, notes=notes, precision=3, midrules=midrules)
 
@@ -182,23 +235,98 @@ def deltas_figure(data: dict, label: str, out: Path, name: str) -> list[Path]:
 
 
 def _labels(files: list[dict], aliases: dict[str, str] | None) -> list[str]:
-    names = [(aliases or {}).get(d["config"]["model_name"], d["config"]["model_name"]) for d in files]
-    labels = []
-    for data, model in zip(files, names, strict=True):
+    texts = []
+    for data in files:
         c = data["config"]
-        text = f"Ours: {model} (measured, N={c['n_prompts']}×{len(c['seeds'])} seeds, {c['max_tokens']} tok)"
-        labels.append(text if names.count(model) == 1 else f"{text} [{c.get('backend', '?')}, #{len(labels)}]")
-    return labels
+        model = (aliases or {}).get(c["model_name"], c["model_name"])
+        texts.append(f"Ours: {model}, {_stage(data, files)} (measured, N={c['n_prompts']}×{len(c['seeds'])} seeds, "
+                     f"{c['max_tokens']} tok)")
+    return [text if texts.count(text) == 1 else f"{text} [{data['config'].get('backend', '?')}, #{k}]"
+            for k, (text, data) in enumerate(zip(texts, files, strict=True))]
+
+
+def accuracy_table(files: list[dict], runs: list[Run], name: str = "steering_accuracy") -> Table | None:
+    """Pass@1 without a command of each steering-trained model beside the model it started from, on
+    every task both were evaluated on with the `autodeco` preset (newest results file per model and
+    task; samples files needed), with the paired difference. None when no such pair exists."""
+    by_path: dict[tuple[str, str], Run] = {}
+    for run in sorted(runs, key=lambda r: r.raw.get("date") or 0):
+        path = _resolved(run.raw.get("config", {}).get("model_path"))
+        if path and not run.sweep and run.decoding == "autodeco":
+            for task, result in run.tasks.items():
+                if result.samples_path is not None:
+                    by_path[(path, task)] = run
+    rows, pairs = [], {}
+    for data in files:
+        trained = _trained(data)
+        if trained:
+            pairs[_resolved(data["config"].get("model_path"))] = _resolved(trained.get("init_from"))
+    for after_path, before_path in pairs.items():
+        tasks = sorted({t for p, t in by_path if p == after_path} & {t for p, t in by_path if p == before_path})
+        for task in tasks:
+            before, after = by_path[(before_path, task)], by_path[(after_path, task)]
+            a, b = after.tasks[task].verdicts_by_doc(), before.tasks[task].verdicts_by_doc()
+            est_b, est_a, diff = pass1_estimate(b), pass1_estimate(a), paired_difference(a, b)
+            within = est_b.ci_low <= est_a.mean <= est_b.ci_high if est_b.ci_low == est_b.ci_low else None
+            samples = max(len(v) for v in a.values())
+            rows.append([task, before.model_name, _cell(est_b), after.model_name, _cell(est_a), _cell(diff),
+                         "–" if diff.p_value is None else f"{diff.p_value:.3f}", diff.n, samples,
+                         None if within is None else ("yes" if within else "no")])
+    if not rows:
+        return None
+    return Table(name=name, title="Accuracy without a command: before vs after steering training (Pass@1 %)",
+                 columns=["Task", "Before", "Pass@1 before [95% CI]", "After (steering-trained)",
+                          "Pass@1 after [95% CI]", "Δ after − before [95% CI]", "p", "problems",
+                          "samples/problem", "after within before's CI"], rows=rows, precision=1,
+                 notes=["Both with the `autodeco` preset and no command (the task's own prompt). Pass@1 = mean over "
+                        "problems of each problem's accuracy over its seeds and samples, 95% t interval over "
+                        "problems (harness.stats.pass1_estimate); Δ = paired difference over the shared problems "
+                        "with a two-sided paired t-test (harness.stats.paired_difference). † = fewer than 10 "
+                        "problems."])
+
+
+def summary_lines(files: list[Path], runs: list[Run] | None = None) -> list[str]:
+    """Printable lines (the demo's headline): per file, each command's ΔT / ΔP and consistency,
+    then the accuracy pairs of `accuracy_table`."""
+    datas = sorted((load_steering(p) for p in files), key=lambda d: (bool(_trained(d)), d.get("date") or 0))
+    lines = []
+    for data in datas:
+        c, summary = data["config"], data["summary"]
+        parts = []
+        for command in c["commands"]:
+            s = summary[command["name"]]
+            if command["name"] != c["baseline"]:
+                parts.append(f"{command['name']} ΔT {s['delta_temperature']:+.3f} ({100 * s['consistency_temperature']:.0f}%)"
+                             f" ΔP {s['delta_top_p']:+.3f} ({100 * s['consistency_top_p']:.0f}%)")
+        lines.append(f"{c['model_name']} ({_stage(data, datas)}; {c['n_prompts']} prompts, baseline T "
+                     f"{summary[c['baseline']]['temperature_mean']:.3f}): " + "; ".join(parts))
+    table = accuracy_table(datas, runs or [])
+    for row in table.rows if table else []:
+        before, after, diff = row[2], row[4], row[5]
+        ci = "" if diff.low is None else f" [{diff.low:+.1f}, {diff.high:+.1f}]"
+        lines.append(f"accuracy without a command ({row[0]}): {row[3]} {after.mean:.1f}% vs {row[1]} {before.mean:.1f}%,"
+                     f" Δ {diff.mean:+.1f} pp{ci}, p = {row[6]}, n = {row[7]} problems × {row[8]} samples")
+    return lines
+
+
+def _cell(estimate) -> Interval:
+    has_ci = estimate.ci_low == estimate.ci_low  # NaN with one problem
+    return Interval(100 * estimate.mean, None, 100 * estimate.ci_low if has_ci else None,
+                    100 * estimate.ci_high if has_ci else None, estimate.n)
 
 
 def report_steering(files: list[Path], out: Path, aliases: dict[str, str] | None = None,
-                    name: str = "steering") -> list[Path]:
+                    name: str = "steering", runs: list[Run] | None = None) -> list[Path]:
+    """Every table and figure of the module docstring; ``runs`` (results files) feed the accuracy table."""
     if not files:
         raise ValueError("no steer_*.json in the given folders (run `autodeco steer --model AUTODECO_MODEL`)")
-    datas = sorted((load_steering(p) for p in files), key=lambda d: d.get("date") or 0)
+    datas = sorted((load_steering(p) for p in files), key=lambda d: (bool(_trained(d)), d.get("date") or 0))
     labels = _labels(datas, aliases)
     paths = write_table(table4(datas, labels, name), out)
     paths += write_table(prompts_table(datas, labels, f"{name}_prompts"), out)
+    accuracy = accuracy_table(datas, runs or [], f"{name}_accuracy")
+    if accuracy is not None:
+        paths += write_table(accuracy, out)
     for k, (data, label) in enumerate(zip(datas, labels, strict=True)):
         suffix = "" if len(datas) == 1 else "_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", data["config"]["model_name"]) + f"_{k}"
         paths += traces_figure(data, label, out, f"{name}_traces{suffix}")
