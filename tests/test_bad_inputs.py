@@ -85,6 +85,13 @@ def train(tmp: Path, *extra: str, data: str | bytes | None = GOOD_ROW) -> list[s
     return argv + list(extra)
 
 
+def train_steer(tmp: Path, m: dict, *extra: str, data: str | bytes | None = GOOD_ROW) -> list[str]:
+    argv = ["train-steer", "--init_from", m["heads"], "--output_dir", str(tmp / "steer"), "--no_progress"]
+    if data is not None:
+        argv += ["--train_file", str(write(tmp / "train.jsonl", data))]
+    return argv + list(extra)
+
+
 def eval_(tmp: Path, *extra: str) -> list[str]:
     return ["eval", "--tasks", "arith", "--limit", "1", "--out", str(tmp / "out"), "--wandb", "off",
             "--no-progress", *extra]
@@ -326,6 +333,28 @@ CASES = [
                                                "--output_dir", str(write(t / "run", "x")), "--report_to", "none"],
          "{tmp}/run", "file"),
     case("train-batch-zero", lambda t, m: train(t, "--per_device_train_batch_size", "0"), "--per-device-train-batch-size"),
+    # ------------------------------------------------------------------ train-steer
+    case("trainsteer-no-init", lambda t, m: ["train-steer", "--output_dir", str(t / "steer")], "--init-from"),
+    case("trainsteer-plain-model", lambda t, m: train_steer(t, m, "--init_from", "smollm2"), "plain causal LM",
+         "init_from"),
+    case("trainsteer-unknown-model", lambda t, m: train_steer(t, m, "--init_from", "nosuchmodel"), "nosuchmodel"),
+    case("trainsteer-corrupt-heads", lambda t, m: train_steer(t, m, "--init_from", m["heads_corrupt"]),
+         "model.safetensors"),
+    case("trainsteer-no-train-file", lambda t, m: train_steer(t, m, data=None), "--train-file", "autodeco_weight"),
+    case("trainsteer-train-file-bad", lambda t, m: train_steer(t, m, data='{"prompt": "p"}\n'), "train.jsonl:1",
+         "completion"),
+    case("trainsteer-steer-config-missing", lambda t, m: train_steer(t, m, "--steer_config", str(t / "no.yaml")),
+         "{tmp}/no.yaml"),
+    case("trainsteer-steer-config-one-direction", lambda t, m: train_steer(
+        t, m, "--steer_config", str(write(t / "s.yaml", "prompts: [p]\ncommands: {b: null, low: {text: x, "
+                                                        "direction: lower}}\n"))), "{tmp}/s.yaml", "higher"),
+    case("trainsteer-margin-negative", lambda t, m: train_steer(t, m, "--margin_temperature", "-1"),
+         "--margin-temperature"),
+    case("trainsteer-rank-loss", lambda t, m: train_steer(t, m, "--rank_loss", "square"), "--rank-loss", "square"),
+    case("trainsteer-decoding", lambda t, m: train_steer(t, m, "--sample_decoding", "sideways"), "sample_decoding",
+         "sideways"),
+    case("trainsteer-output-is-file", lambda t, m: train_steer(t, m, "--output_dir", str(write(t / "o", "x"))),
+         "{tmp}/o", "file"),
     case("train-report-to-unknown", lambda t, m: train(t, "--report_to", "carrier-pigeon"), "report-to",
          "carrier-pigeon"),
     case("train-hidden-cache-file", lambda t, m: train(t, "--hidden_cache", str(write(t / "cache", "x"))),
@@ -680,8 +709,8 @@ def test_table_size():
     """At least 100 cases, over every command."""
     assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
     prefixes = {c.id.split("-")[0] for c in CASES}
-    assert {"show", "grade", "construct", "split", "merge", "generate", "train", "reject", "eval", "sweep", "steer",
-            "report", "demo", "bench", "prepare"} <= prefixes
+    assert {"show", "grade", "construct", "split", "merge", "generate", "train", "trainsteer", "reject", "eval",
+            "sweep", "steer", "report", "demo", "bench", "prepare"} <= prefixes
 
 
 SUBPROCESS = ["eval-corrupt-model", "eval-hidden-mismatch", "train-corrupt-model", "grade-out-is-file",

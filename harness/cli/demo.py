@@ -7,8 +7,11 @@ bar. Outputs land in one folder:
     <out>/autodeco-init/      constructed AutoDeco (untrained heads)
     <out>/data/train.jsonl    reject-sampled training data (arith train split)
     <out>/train/              trainer output: checkpoint-<step>/, final/, log_history.jsonl
+    <out>/steer/              steering training (`autodeco train-steer`): final/ = train/final's heads
+                              taught to follow decoding commands, log_history.jsonl
     <out>/runs/               eval + sweep results (results_*.json, samples_*.jsonl, sweep summaries),
-                              steering measurements (steer_*.json)
+                              steering measurements of train/final and steer/ (steer_*.json) on held-out
+                              prompts and wordings, and steer/'s in-domain eval (runs/steer-final/)
     <out>/candidates/         every training checkpoint evaluated on the validation split
     <out>/efficiency/         efficiency.json
     <out>/reports/            every table and figure + index.md
@@ -72,8 +75,11 @@ class DemoConfig:
     bench_limit: int = field(default=2, metadata={"help": "problems per real benchmark"})
     efficiency_repeats: int = field(default=5, metadata={
         "help": "paired repeats of the efficiency bench (the overhead's interval rests on them)"})
-    steer_prompts: int = field(default=12, metadata={
-        "help": "prompts of configs/steer/default.yaml run under each steering command"})
+    steer_prompts: int = field(default=24, metadata={
+        "help": "held-out prompts of configs/steer/heldout.yaml run under each steering command"})
+    steer_train_prompts: int = field(default=32, metadata={
+        "help": "prompts of configs/steer/train.yaml that steering training samples completions for"})
+    steer_train_steps: int = field(default=300, metadata={"help": "optimizer steps of steering training"})
     data_dir: str | None = field(default=None, metadata={
         "help": "local benchmark files (else $AUTODECO_DATA_DIR, else the hub)"})
     backend: str = field(default="vllm", metadata={"help": "generation backend", "choices": ("hf", "vllm")})
@@ -91,7 +97,8 @@ class DemoConfig:
                                 ("eval_limit", 1, MAX_PROBLEMS), ("dev_limit", 1, MAX_PROBLEMS),
                                 ("seeds", 1, MAX_SEEDS), ("samples", 1, MAX_SAMPLES), ("max_tokens", 1, MAX_TOKENS),
                                 ("bench_limit", 1, MAX_PROBLEMS), ("efficiency_repeats", 1, 1000),
-                                ("steer_prompts", 1, MAX_PROBLEMS)):
+                                ("steer_prompts", 1, MAX_PROBLEMS), ("steer_train_prompts", 1, MAX_PROBLEMS),
+                                ("steer_train_steps", 1, 1_000_000)):
             if not low <= getattr(self, name) <= high:
                 raise FieldError(name, f"must be in {low}..{high}, got {getattr(self, name)}")
         for name, high in (("sweep_temperatures", 100.0), ("sweep_top_ps", 1.0)):
@@ -132,10 +139,16 @@ def eval_args(cfg: DemoConfig, model: str, tasks: str, decoding: str, out: Path,
     return args + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])
 
 
-def train_config() -> list[str]:
-    """`--config configs/train/smollm2_cpu.yaml` when the repo ships it (run from the repo root)."""
-    path = Path("configs/train/smollm2_cpu.yaml")
-    return ["train", "--config", str(path)] if path.is_file() else ["train"]
+def train_config(command: str = "train", name: str = "smollm2_cpu") -> list[str]:
+    """`--config configs/train/<name>.yaml` when the repo ships it (run from the repo root)."""
+    path = Path(f"configs/train/{name}.yaml")
+    return [command, "--config", str(path)] if path.is_file() else [command]
+
+
+def heldout_config() -> list[str]:
+    """`--config configs/steer/heldout.yaml` (prompts and wordings steering training never saw)."""
+    path = Path("configs/steer/heldout.yaml")
+    return ["--config", str(path)] if path.is_file() else []
 
 
 def reject_sample_args(cfg: DemoConfig, difficulty: int, problems: int, out: Path) -> list[str]:
@@ -147,7 +160,7 @@ def reject_sample_args(cfg: DemoConfig, difficulty: int, problems: int, out: Pat
 def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
     """The pipeline as (title, thunk) pairs, in order."""
     out = Path(cfg.out)
-    init, train, runs = out / "autodeco-init", out / "train", out / "runs"
+    init, train, runs, steer = out / "autodeco-init", out / "train", out / "runs", out / "steer"
     trained = train / "final"
     data = [out / "data" / "train.jsonl"] + ([out / "data" / "train_easy.jsonl"] if cfg.easy_problems else [])
 
@@ -164,6 +177,14 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
         autodeco(eval_args(cfg, str(trained), IN_DOMAIN, meanshift_spec(runs / trained.name), runs, cfg.eval_limit))
         if cfg.bench_tasks:  # the pipeline on real benchmarks: a handful of problems, anecdotal by design
             autodeco(eval_args(cfg, str(trained), cfg.bench_tasks, "greedy,default,autodeco", runs, cfg.bench_limit))
+
+    def steering():
+        # Both models on one engine: held-out prompts and wordings (configs/steer/heldout.yaml).
+        autodeco(["steer", "--model", f"{trained},{steer}"] + heldout_config() + [
+            "--limit", str(cfg.steer_prompts), "--max-tokens", "48", "--backend", cfg.backend, "--out", str(runs)])
+        # What steering training cost without a command: the same in-domain problems, seeds and samples
+        # as train/final's autodeco evaluation above (the steering report pairs the two).
+        autodeco(eval_args(cfg, str(steer), IN_DOMAIN, "autodeco", runs, cfg.eval_limit))
 
     def reports():
         from reports.index import Inputs, Options, run_all, write_index
@@ -195,9 +216,12 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
             ["bench", "efficiency", "--model", MODEL, "--heads", str(trained), "--prompt-lengths", "128,512",
              "--gen-tokens", "16", "--repeats", str(cfg.efficiency_repeats),
              "--out", str(out / "efficiency" / "efficiency.json")])),
-        ("steering: T/P under natural-language commands (Table 4)", lambda: autodeco(
-            ["steer", "--model", str(trained), "--limit", str(cfg.steer_prompts), "--max-tokens", "48",
-             "--backend", cfg.backend, "--out", str(runs)])),
+        ("steering training: the heads taught to follow decoding commands (ranking loss)", lambda: autodeco(
+            train_config("train-steer", "smollm2_steer") + [
+                "--init_from", str(trained), "--train_file", ",".join(map(str, data)), "--output_dir", str(steer),
+                "--max_prompts", str(cfg.steer_train_prompts), "--completions_per_prompt", "1",
+                "--max_steps", str(cfg.steer_train_steps), "--sample_backend", cfg.backend])),
+        ("steering: T/P under held-out commands, before and after steering training (Table 4)", steering),
         ("write every report + index.md", reports),
     ]
 
@@ -219,6 +243,7 @@ def headline(out: Path) -> list[str]:
     from reports.pass1 import interval
     from reports.render import Interval
     from reports.runs import ReportInputError, find_runs, find_sweeps
+    from reports.steering import find_steering, summary_lines
 
     runs = find_runs([out / "runs"])
     sweeps = [s for s in find_sweeps([out / "runs"]) if s.task == IN_DOMAIN]
@@ -253,6 +278,10 @@ def headline(out: Path) -> list[str]:
         lines.append(f"    ({err})")
     lines += verdict_lines(runs, sweeps)
     lines += efficiency_lines(out / "efficiency" / "efficiency.json")
+    steering = find_steering([out / "runs"])
+    if steering:
+        lines.append("  steering by commands (held-out prompts and wordings; ΔT/ΔP vs no command, consistency):")
+        lines += ["    " + text for text in summary_lines(steering, runs)]
     return lines
 
 

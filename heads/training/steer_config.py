@@ -42,6 +42,9 @@ class SteerTrainingConfig:
     sample_decoding: str = field(default="autodeco", metadata={
         "help": "preset(s) the completions are sampled with, comma-separated: completions_per_prompt each "
                 "(autodeco: as `autodeco steer` generates)"})
+    sample_under_commands: bool = field(default=False, metadata={
+        "help": "also sample each prompt under one lower and one higher wording (3x the completions): the "
+                "heads then also learn on text written under a command"})
     sample_backend: str = field(default="hf", metadata={
         "help": "engine that samples the completions (vllm: faster for many prompts, slower to start)",
         "choices": ("hf", "vllm")})

@@ -102,7 +102,7 @@ def cache_key(cfg: SteerTrainingConfig, config: SteerConfig, rows: list[dict], h
         "prompts": config.prompts, "lower": wordings(config.commands, "lower"),
         "higher": wordings(config.commands, "higher"), "rows": rows,
         **{k: getattr(cfg, k) for k in ("max_prompts", "completions_per_prompt", "completion_tokens",
-                                        "pairs_per_completion", "sample_decoding", "seed")},
+                                        "pairs_per_completion", "sample_decoding", "sample_under_commands", "seed")},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -122,12 +122,12 @@ def build(cfg: SteerTrainingConfig, config: SteerConfig, rows: list[dict], backe
     folder as an `AutoDecoModelForCausalLM`)."""
     start = time.perf_counter()
     prompts = training_prompts(cfg, config)
+    lower, higher = wordings(config.commands, "lower"), wordings(config.commands, "higher")
     try:
-        completions = sample_completions(backend, prompts, cfg, progress=progress)
+        completions = sample_completions(backend, prompts, cfg, lower, higher, progress=progress)
     finally:
         backend.close()
     sampled = time.perf_counter() - start
-    lower, higher = wordings(config.commands, "lower"), wordings(config.commands, "higher")
     pairs = deal_pairs(len(completions), lower, higher, cfg.pairs_per_completion, cfg.seed)
 
     contexts: list[tuple[list[int], list[int]]] = []  # (prompt ids, completion ids)
@@ -151,18 +151,27 @@ def build(cfg: SteerTrainingConfig, config: SteerConfig, rows: list[dict], backe
     return SteerData(hidden, mask, torch.tensor(triples, dtype=torch.long), anchor_hidden, anchor_labels, info)
 
 
-def sample_completions(backend, prompts: list[str], cfg: SteerTrainingConfig, *,
+def sample_completions(backend, prompts: list[str], cfg: SteerTrainingConfig, lower: list[str], higher: list[str], *,
                        progress: bool = True) -> list[tuple[int, list[int]]]:
-    """(prompt index, completion token ids) for every prompt × preset × sample, without a command;
-    samples shorter than `MIN_COMPLETION_TOKENS` are left out."""
+    """(prompt index, completion token ids) for every prompt × sampling context × preset × sample;
+    samples shorter than `MIN_COMPLETION_TOKENS` are left out. The sampling contexts are the
+    prompt alone and, with ``sample_under_commands``, the prompt with one lower and one higher
+    wording (dealt like the pairs, with another seed): then the heads also see text as the base
+    writes it under a command — a command changes what is written, not only how it is scored."""
     from tqdm import tqdm
 
     presets = parse_specs(cfg.sample_decoding)
     for preset in presets:
         backend.check_preset(preset)
-    requests = [(i, Request(key=f"steer-train/{i}/{j}", prompt=chat_prompt(backend.tokenizer, p), preset=preset,
-                            seed=cfg.seed, n=cfg.completions_per_prompt, max_tokens=cfg.completion_tokens))
-                for i, p in enumerate(prompts) for j, preset in enumerate(presets)]
+    contexts = [[None] for _ in prompts]
+    if cfg.sample_under_commands:
+        dealt = deal_pairs(len(prompts), lower, higher, 1, cfg.seed + 1)
+        contexts = [[None, low, high] for (low, high), in dealt]
+    requests = [(i, Request(key=f"steer-train/{i}/{k}/{j}", preset=preset, seed=cfg.seed,
+                            prompt=chat_prompt(backend.tokenizer, user_message(p, Command("command", wording))),
+                            n=cfg.completions_per_prompt, max_tokens=cfg.completion_tokens))
+                for i, p in enumerate(prompts) for k, wording in enumerate(contexts[i])
+                for j, preset in enumerate(presets)]
     got = {}
     with tqdm(total=len(requests) * cfg.completions_per_prompt, desc="sample completions", unit="sample",
               disable=not progress, dynamic_ncols=True) as bar:

@@ -5,24 +5,33 @@ Data (`heads.training.steer_data`): triples of contexts — a prompt alone, the 
 randomness" command, the prompt + a "higher diversity" command — followed by the same sampled
 completion tokens, as cached hidden states of the frozen base. Per triple, the heads' mean
 prediction over the completion tokens under each context (T̄₀ baseline, T̄₋ lower, T̄₊ higher; the
-same for P) is ranked by a pairwise loss:
+same for P) is ranked by a pairwise loss on g(x̄), with g the log-odds of T̄/2 and of P̄
+(``rank_space: logit``, the default: a margin asks a like move near P̄ = 1, where one in value
+cannot be reached) or g(x̄) = x̄ (``value``):
 
-    rank(x̄) = mean over triples of  ℓ(x̄₀ − x̄₋ − m) + ℓ(x̄₊ − x̄₀ − m)
+    rank(x̄) = mean over triples of  ℓ(g(x̄₀) − g(x̄₋) − m) + ℓ(g(x̄₊) − g(x̄₀) − m)
     ℓ(d) = max(0, −d)              (hinge: zero once the ordering holds by the margin m)
     ℓ(d) = s · log(1 + exp(−d/s))  (logistic, scale s = ``softness``: never exactly zero)
 
 The objective of one step is
 
     rank(T̄; margin_temperature) + top_p_weight · rank(P̄; margin_top_p)
-        + autodeco_weight · AutoDeco loss (`heads.training.loss.autodeco_loss`)
+        + anchor_weight · anchor + autodeco_weight · AutoDeco loss
 
-where the AutoDeco term is the usual objective (temperature + soft top-p loss, easy-token
-masking, DFT weights, its defaults) on ``autodeco_rows`` rows of ``train_file`` — the data the
-heads were trained on, so decoding without a command keeps what that training taught. The
-temperature head reads only the hidden state, so T̄ covers every completion position at no cost;
-the top-p head also reads features of softmax(logits / T), whose logits (``lm_head(hidden)``) are
-recomputed per step, so P̄ is estimated on ``top_p_positions`` random positions of each
-completion (the same positions under the three contexts). Only head parameters get gradients.
+- anchor: under the baseline context, the squared difference of each position's log-odds of
+  T/2 (and of P) from the starting heads' (a frozen copy): without a command, decoding stays where
+  it was — the ranking alone is cheapest to satisfy by moving everything to T = 1, P = 0.5, where
+  the sigmoids are steepest;
+- AutoDeco loss: the usual objective (`heads.training.loss.autodeco_loss`: temperature + soft
+  top-p loss, easy-token masking, DFT weights, its defaults) on ``autodeco_rows`` rows of
+  ``train_file`` — the data the heads were trained on, so in-domain decoding keeps what that
+  training taught.
+
+The temperature head reads only the hidden state, so T̄ covers every completion position of the
+``batch_size`` triples at little cost; the top-p head also reads features of softmax(logits / T),
+whose logits (``lm_head(hidden)``) are recomputed per step, so P̄ is estimated on
+``top_p_positions`` random positions of the first ``top_p_triples`` triples (the same positions
+under the three contexts). Only head parameters get gradients.
 
 `train_steering(cfg)` writes into ``output_dir``: ``final/`` (heads-only AutoDeco folder, loadable
 like any other, + ``steering_training.json``: `harness.steer.STEER_PROVENANCE`),
