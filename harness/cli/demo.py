@@ -77,6 +77,9 @@ class DemoConfig:
         "help": "paired repeats of the efficiency bench (the overhead's interval rests on them)"})
     steer_prompts: int = field(default=24, metadata={
         "help": "held-out prompts of configs/steer/heldout.yaml run under each steering command"})
+    steer_seeds: int = field(default=4, metadata={
+        "help": "samples per (held-out prompt, command) in the steering measurement: a prompt's mean T is "
+                "over all of them"})
     steer_train_prompts: int = field(default=32, metadata={
         "help": "prompts of configs/steer/train.yaml that steering training samples completions for"})
     steer_train_steps: int = field(default=300, metadata={"help": "optimizer steps of steering training"})
@@ -97,7 +100,8 @@ class DemoConfig:
                                 ("eval_limit", 1, MAX_PROBLEMS), ("dev_limit", 1, MAX_PROBLEMS),
                                 ("seeds", 1, MAX_SEEDS), ("samples", 1, MAX_SAMPLES), ("max_tokens", 1, MAX_TOKENS),
                                 ("bench_limit", 1, MAX_PROBLEMS), ("efficiency_repeats", 1, 1000),
-                                ("steer_prompts", 1, MAX_PROBLEMS), ("steer_train_prompts", 1, MAX_PROBLEMS),
+                                ("steer_prompts", 1, MAX_PROBLEMS), ("steer_seeds", 1, MAX_SEEDS),
+                                ("steer_train_prompts", 1, MAX_PROBLEMS),
                                 ("steer_train_steps", 1, 1_000_000)):
             if not low <= getattr(self, name) <= high:
                 raise FieldError(name, f"must be in {low}..{high}, got {getattr(self, name)}")
@@ -181,7 +185,8 @@ def steps(cfg: DemoConfig) -> list[tuple[str, callable]]:
     def steering():
         # Both models on one engine: held-out prompts and wordings (configs/steer/heldout.yaml).
         autodeco(["steer", "--model", f"{trained},{steer}"] + heldout_config() + [
-            "--limit", str(cfg.steer_prompts), "--max-tokens", "48", "--backend", cfg.backend, "--out", str(runs)])
+            "--limit", str(cfg.steer_prompts), "--seeds", str(cfg.steer_seeds), "--max-tokens", "48",
+            "--backend", cfg.backend, "--out", str(runs)])
         # What steering training cost without a command: the same in-domain problems, seeds and samples
         # as train/final's autodeco evaluation above (the steering report pairs the two).
         autodeco(eval_args(cfg, str(steer), IN_DOMAIN, "autodeco", runs, cfg.eval_limit))

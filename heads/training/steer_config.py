@@ -16,6 +16,7 @@ from harness.core.config import FieldError
 
 RANK_LOSSES = ("hinge", "logistic")
 RANK_SPACES = ("logit", "value")
+RANK_UNITS = ("triple", "token")
 
 
 @dataclass
@@ -54,6 +55,10 @@ class SteerTrainingConfig:
     rank_space: str = field(default="logit", metadata={
         "help": "how the per-context means are compared: logit (log-odds of mean T/2 and mean P; margins in "
                 "log-odds, reachable near P = 1) or value", "choices": RANK_SPACES})
+    rank_unit: str = field(default="triple", metadata={
+        "help": "what is ranked: each triple's mean over the completion (triple) or every completion token's "
+                "prediction (token: the hinge per position, averaged; asks for a shift at every token, not a "
+                "few large ones)", "choices": RANK_UNITS})
     margin_temperature: float = field(default=0.1, metadata={
         "help": "mean T under a lower (higher) command should sit this far below (above) the baseline's"})
     margin_top_p: float = field(default=0.05, metadata={"help": "the same margin for the mean top-p"})
@@ -93,6 +98,7 @@ class SteerTrainingConfig:
             (1 <= self.pairs_per_completion <= 64, "pairs_per_completion", "must be in 1..64"),
             (self.rank_loss in RANK_LOSSES, "rank_loss", f"must be one of {', '.join(RANK_LOSSES)}"),
             (self.rank_space in RANK_SPACES, "rank_space", f"must be one of {', '.join(RANK_SPACES)}"),
+            (self.rank_unit in RANK_UNITS, "rank_unit", f"must be one of {', '.join(RANK_UNITS)}"),
             (0 <= self.margin_temperature <= 10, "margin_temperature", "must be in [0, 10]"),
             (0 <= self.margin_top_p <= 10, "margin_top_p", "must be in [0, 10]"),
             (self.softness > 0, "softness", "must be > 0"),

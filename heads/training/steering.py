@@ -13,6 +13,11 @@ cannot be reached) or g(x̄) = x̄ (``value``):
     ℓ(d) = max(0, −d)              (hinge: zero once the ordering holds by the margin m)
     ℓ(d) = s · log(1 + exp(−d/s))  (logistic, scale s = ``softness``: never exactly zero)
 
+With ``rank_unit: token`` the same ℓ is taken per completion position on g(x) of that position's
+prediction (the three contexts share the completion, so positions line up), averaged over the
+positions and then the triples: every token must move, not a few by a lot — on held-out prompts
+the per-triple form let the no-command T of a prompt drift, which the generated text then fed.
+
 The objective of one step is
 
     rank(T̄; margin_temperature) + top_p_weight · rank(P̄; margin_top_p)
@@ -113,6 +118,20 @@ def to_rank_space(means: torch.Tensor, top: float, space: str) -> torch.Tensor:
     return means if space == "value" else torch.logit(means / top, eps=1e-6)
 
 
+def _rank(values: torch.Tensor, means: torch.Tensor, mask: torch.Tensor, top: float, margin: float,
+          cfg: SteerTrainingConfig) -> torch.Tensor:
+    """The ranking term of one quantity: on the per-triple means ``means`` [B, 3] (``rank_unit:
+    triple``), or on every valid position of ``values`` [B, 3, L] (``token``: the pairwise loss per
+    position, then its mean over the valid positions of each triple, then over triples)."""
+    if cfg.rank_unit == "triple":
+        g = to_rank_space(means, top, cfg.rank_space)
+        return ranking_loss(g[:, 0], g[:, 1], g[:, 2], margin, cfg.rank_loss, cfg.softness)
+    g = to_rank_space(values, top, cfg.rank_space)  # [B, 3, L]
+    gaps = torch.stack([g[:, 0] - g[:, 1] - margin, g[:, 2] - g[:, 0] - margin])  # [2, B, L]
+    terms = F.relu(-gaps) if cfg.rank_loss == "hinge" else cfg.softness * F.softplus(-gaps / cfg.softness)
+    return masked_mean(terms.sum(0), mask).mean()
+
+
 def _log_odds_gap(values: torch.Tensor, reference: torch.Tensor, top: float) -> torch.Tensor:
     """Squared difference of log-odds (of ``values / top``): the heads' pre-sigmoid outputs, where
     a drift towards T = 0 or P = 1 costs what it changes, not what it moves in value."""
@@ -153,9 +172,7 @@ def steer_loss(model, data: SteerData, batch: torch.Tensor, cfg: SteerTrainingCo
     hidden, mask = data.hidden[triples], data.mask[triples]  # [B, 3, L, H], [B, 3, L]
     temperature = model.temp_head(hidden)  # [B, 3, L]
     t_values = masked_mean(temperature, mask)  # [B, 3]
-    t_means = to_rank_space(t_values, 2.0, cfg.rank_space)
-    rank_t = ranking_loss(t_means[:, 0], t_means[:, 1], t_means[:, 2], cfg.margin_temperature, cfg.rank_loss,
-                          cfg.softness)
+    rank_t = _rank(temperature, t_values, mask[:, 0], 2.0, cfg.margin_temperature, cfg)
     loss, stats = rank_t, {"rank_temperature": rank_t.item(), "temperature_mean": t_values[:, 0].mean().item()}
     stats.update({f"temperature_{k}": v for k, v in ordering(*t_values.detach().unbind(1)).items()})
     anchored = cfg.anchor_weight > 0 and reference is not None
@@ -170,9 +187,7 @@ def steer_loss(model, data: SteerData, batch: torch.Tensor, cfg: SteerTrainingCo
         logits = _logits(model, picked)
         _, top_p = model.heads_forward(picked, logits)
         p_values = masked_mean(top_p, valid[:, None, :].expand(-1, 3, -1))
-        p_means = to_rank_space(p_values, 1.0, cfg.rank_space)
-        rank_p = ranking_loss(p_means[:, 0], p_means[:, 1], p_means[:, 2], cfg.margin_top_p, cfg.rank_loss,
-                              cfg.softness)
+        rank_p = _rank(top_p, p_values, valid, 1.0, cfg.margin_top_p, cfg)
         loss = loss + cfg.top_p_weight * rank_p
         stats.update(rank_top_p=rank_p.item(), top_p_mean=p_values[:, 0].mean().item())
         stats.update({f"top_p_{k}": v for k, v in ordering(*p_values.detach().unbind(1)).items()})
