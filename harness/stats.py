@@ -15,6 +15,9 @@ per-problem differences carry far less noise than two independent intervals.
   0.0 when se is 0 and the mean is not).
 - ``bootstrap_ci(per_doc)``: a cluster (by problem) percentile bootstrap, offered beside the t
   interval, never instead of it.
+- ``proportion_estimate(k, n)``: a share of n independent units (steering's consistency: the
+  prompts that moved as commanded) with its Wilson 95% interval and the two-sided exact binomial
+  (sign) test against 1/2, i.e. against chance.
 - ``seed_std(per_seed)``: the paper's ± column — the population std (ddof=0) of per-seed Pass@1,
   as the official evaluation script computes it.
 
@@ -119,6 +122,18 @@ def bootstrap_ci(per_doc: Mapping[str, Sequence[bool]], resamples: int = 2000, s
     n = len(values)
     means = sorted(math.fsum(rng.choice(values) for _ in range(n)) / n for _ in range(resamples))
     return means[int(ALPHA / 2 * resamples)], means[min(resamples - 1, int((1 - ALPHA / 2) * resamples))]
+
+
+def proportion_estimate(successes: int, n: int) -> Estimate:
+    """k of n as a share with its Wilson 95% interval; ``p_value``: exact two-sided binomial test
+    against 1/2 (NaN interval and p = 1 for n = 0)."""
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), 0, 1.0)
+    share, z = successes / n, _scipy.norm.ppf(0.975)
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    p = float(_scipy.binomtest(successes, n, 0.5).pvalue)
+    return Estimate(share, math.sqrt(share * (1 - share) / n), float(centre - half), float(centre + half), n, p)
 
 
 def seed_std(per_seed: Sequence[float]) -> float:

@@ -23,7 +23,7 @@ import json
 import re
 from pathlib import Path
 
-from harness.stats import paired_difference, pass1_estimate
+from harness.stats import paired_difference, pass1_estimate, proportion_estimate
 from reports.paper import load_paper
 from reports.render import Interval, Table, new_figure, save_figure, write_table
 from reports.runs import ReportInputError, Run, find_files
@@ -285,6 +285,34 @@ def accuracy_table(files: list[dict], runs: list[Run], name: str = "steering_acc
                         "problems."])
 
 
+def consistency_text(share: float, n: int) -> str:
+    """'88% [69, 96] of 24': the share of prompts that moved as commanded, its Wilson 95% interval."""
+    est = proportion_estimate(round(share * n), n)
+    return f"{100 * est.mean:.0f}% [{100 * est.ci_low:.0f}, {100 * est.ci_high:.0f}] of {n}"
+
+
+BAR_CONSISTENCY, BAR_DELTA = 0.9, 0.05  # the steering issue's bar, for the temperature
+
+
+def bar_line(data: dict) -> str:
+    """Whether steering-trained heads meet the bar on this file's prompts: every directed command
+    moves the mean T as commanded for >= 90% of prompts, by >= 0.05 on average."""
+    c, summary = data["config"], data["summary"]
+    misses = []
+    for command in c["commands"]:
+        s = summary[command["name"]]
+        if command["name"] == c["baseline"]:
+            continue
+        sign = -1 if command.get("direction") == "lower" else 1
+        if s["consistency_temperature"] < BAR_CONSISTENCY:
+            misses.append(f"{command['name']} consistency {100 * s['consistency_temperature']:.0f}% < 90%")
+        if sign * s["delta_temperature"] < BAR_DELTA:
+            misses.append(f"{command['name']} ΔT {s['delta_temperature']:+.3f} short of {sign * BAR_DELTA:+.2f}")
+    verdict = "met" if not misses else "NOT met (" + "; ".join(misses) + ")"
+    return (f"{c['model_name']}: bar (T moved as commanded for >= 90% of prompts, |ΔT| >= 0.05, every "
+            f"command) {verdict}")
+
+
 def summary_lines(files: list[Path], runs: list[Run] | None = None) -> list[str]:
     """Printable lines (the demo's headline): per file, each command's ΔT / ΔP and consistency,
     then the accuracy pairs of `accuracy_table`."""
@@ -296,10 +324,12 @@ def summary_lines(files: list[Path], runs: list[Run] | None = None) -> list[str]
         for command in c["commands"]:
             s = summary[command["name"]]
             if command["name"] != c["baseline"]:
-                parts.append(f"{command['name']} ΔT {s['delta_temperature']:+.3f} ({100 * s['consistency_temperature']:.0f}%)"
-                             f" ΔP {s['delta_top_p']:+.3f} ({100 * s['consistency_top_p']:.0f}%)")
+                parts.append(f"{command['name']} ΔT {s['delta_temperature']:+.3f} "
+                             f"({consistency_text(s['consistency_temperature'], c['n_prompts'])}), "
+                             f"ΔP {s['delta_top_p']:+.3f} ({consistency_text(s['consistency_top_p'], c['n_prompts'])})")
         lines.append(f"{c['model_name']} ({_stage(data, datas)}; {c['n_prompts']} prompts, baseline T "
                      f"{summary[c['baseline']]['temperature_mean']:.3f}): " + "; ".join(parts))
+    lines += [bar_line(d) for d in datas if _trained(d)]
     table = accuracy_table(datas, runs or [])
     for row in table.rows if table else []:
         before, after, diff = row[2], row[4], row[5]

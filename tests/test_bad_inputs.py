@@ -351,7 +351,7 @@ CASES = [
     case("trainsteer-margin-negative", lambda t, m: train_steer(t, m, "--margin_temperature", "-1"),
          "--margin-temperature"),
     case("trainsteer-rank-loss", lambda t, m: train_steer(t, m, "--rank_loss", "square"), "--rank-loss", "square"),
-    case("trainsteer-decoding", lambda t, m: train_steer(t, m, "--sample_decoding", "sideways"), "sample_decoding",
+    case("trainsteer-decoding", lambda t, m: train_steer(t, m, "--sample_decoding", "sideways"), "--sample-decoding",
          "sideways"),
     case("trainsteer-output-is-file", lambda t, m: train_steer(t, m, "--output_dir", str(write(t / "o", "x"))),
          "{tmp}/o", "file"),

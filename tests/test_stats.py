@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from harness.stats import bootstrap_ci, paired_difference, pass1_estimate, seed_std, verdicts_by_doc
+from harness.stats import bootstrap_ci, paired_difference, pass1_estimate, proportion_estimate, seed_std, verdicts_by_doc
 
 
 def _synthetic(seed: int, n_docs: int, lo: int = 1, hi: int = 12, skill: float = 0.4) -> dict[str, list[bool]]:
@@ -74,3 +74,20 @@ def test_seed_std_is_the_population_std_and_rows_group_by_doc():
     assert seed_std([0.2, 0.4]) == pytest.approx(np.std([0.2, 0.4]))
     rows = [{"doc_id": 1, "correct": True}, {"doc_id": "1", "correct": False}, {"doc_id": 2, "correct": True}]
     assert verdicts_by_doc(rows) == {"1": [True, False], "2": [True]}
+
+
+def test_proportion_estimate_is_wilson_with_a_sign_test():
+    """21 of 24 prompts: Wilson 95% interval by its formula, exact binomial p against 1/2."""
+    est = proportion_estimate(21, 24)
+    z, n, share = 1.959963984540054, 24, 21 / 24
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert est.mean == share and est.n == 24
+    assert est.ci_low == pytest.approx(centre - half) and est.ci_high == pytest.approx(centre + half)
+    assert (round(est.ci_low, 3), round(est.ci_high, 3)) == (0.69, 0.957)
+    # P(X >= 21) + P(X <= 3) for X ~ Binomial(24, 1/2), summed by hand
+    tail = sum(math.comb(24, k) for k in range(21, 25)) / 2**24
+    assert est.p_value == pytest.approx(2 * tail) and est.significant
+    chance = proportion_estimate(12, 24)
+    assert chance.p_value == pytest.approx(1.0) and chance.ci_low < 0.5 < chance.ci_high
+    assert proportion_estimate(24, 24).ci_high == pytest.approx(1.0) and proportion_estimate(0, 0).n == 0

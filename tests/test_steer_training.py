@@ -271,3 +271,19 @@ def test_train_steer_cli_end_to_end(tmp_path, fresh_heads, capsys):
     assert len(rows_csv) == 1 and rows_csv[0]["Task"] == "arith"
     assert rows_csv[0]["Before"] == "ad-fresh" and rows_csv[0]["After (steering-trained)"] == "steer-final"
     assert rows_csv[0]["problems"] == "3" and rows_csv[0]["samples/problem"] == "2"
+
+
+def test_bar_line_names_each_miss():
+    from reports.steering import bar_line
+
+    def data(low, high):
+        commands = [{"name": "baseline", "direction": None}, {"name": "low", "direction": "lower"},
+                    {"name": "high", "direction": "higher"}]
+        summary = {"baseline": {}, "low": {"consistency_temperature": low[0], "delta_temperature": low[1]},
+                   "high": {"consistency_temperature": high[0], "delta_temperature": high[1]}}
+        return {"config": {"model_name": "m", "baseline": "baseline", "commands": commands}, "summary": summary}
+
+    assert bar_line(data((0.92, -0.08), (0.95, 0.2))).endswith(" met")
+    line = bar_line(data((0.88, -0.19), (0.96, 0.03)))
+    assert "NOT met (low consistency 88% < 90%; high ΔT +0.030 short of +0.05)" in line
+    assert "short of" in bar_line(data((1.0, -0.01), (1.0, 0.1)))  # the right sign, too small a move
