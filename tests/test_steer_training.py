@@ -287,3 +287,17 @@ def test_bar_line_names_each_miss():
     line = bar_line(data((0.88, -0.19), (0.96, 0.03)))
     assert "NOT met (low consistency 88% < 90%; high ΔT +0.030 short of +0.05)" in line
     assert "short of" in bar_line(data((1.0, -0.01), (1.0, 0.1)))  # the right sign, too small a move
+
+
+def test_demo_headline_keeps_the_steered_heads_out_of_smollm2s_rows(tmp_path):
+    """The steered heads' own eval (runs/steer-final, newer) must not stand in for the trained heads'."""
+    from harness.cli.demo import headline
+    from tests.test_viewer import rows_for, write_run
+
+    runs = tmp_path / "runs"
+    write_run(runs, "final", "autodeco", "arith", rows_for({"0": [True, True], "1": [True, False]}, False),
+              "2026-01-01T00-00-00.000001")
+    write_run(runs, "steer-final", "autodeco", "arith", rows_for({"0": [False, False], "1": [False, False]}, False),
+              "2026-01-02T00-00-00.000001")
+    autodeco = [line for line in headline(tmp_path) if line.strip().startswith("autodeco ")]
+    assert len(autodeco) == 1 and "Pass@1 =  75.0%" in autodeco[0], autodeco

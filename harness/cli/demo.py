@@ -257,8 +257,8 @@ def headline(out: Path) -> list[str]:
     for item in [*runs, *sweeps]:  # the trained heads' folder is `final`: put it in SmolLM2's block
         item.model_name = MODEL if item.model_name == "final" else item.model_name
     cells = {}
-    for run in runs:
-        if not run.sweep and IN_DOMAIN in run.tasks:
+    for run in runs:  # SmolLM2's block only: the steering-trained heads' own eval (steer-final) is its report's
+        if not run.sweep and IN_DOMAIN in run.tasks and run.model_name == MODEL:
             cells[run.label] = (interval(run.tasks[IN_DOMAIN]), run.tasks[IN_DOMAIN])
     lines = []
 
@@ -288,7 +288,7 @@ def headline(out: Path) -> list[str]:
     steering = find_steering([out / "runs"])
     if steering:
         lines.append("  steering by commands (held-out prompts and wordings; ΔT/ΔP vs no command, consistency):")
-        lines += ["    " + text for text in summary_lines(steering, runs)]
+        lines += ["    " + text for text in summary_lines(steering, find_runs([out / "runs"]))]  # folder names as they are
     return lines
 
 
