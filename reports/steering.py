@@ -95,7 +95,11 @@ def _stage(data: dict, files: list[dict]) -> str:
 
 
 def _wordings(data: dict) -> set[str]:
-    """Every command wording a file used (a command's text is a string or a list)."""
+    """Every command wording a file's samples were run under (older files without per-sample
+    wordings: every wording of its commands; a command's text is a string or a list)."""
+    used = {s.get("text") for s in data.get("samples") or [] if s.get("text")}
+    if used:
+        return used
     found = set()
     for command in data["config"]["commands"]:
         text = command.get("text")

@@ -148,7 +148,14 @@ def test_demo_commands_parse_with_the_real_cli(tmp_path, monkeypatch):
     presets = {p.split(":")[0] for argv in evals for p in argv[argv.index("--decoding") + 1].split(",")
                if "=" not in p or ":" in p}
     assert presets == set(demo.METHODS) | {"meanshift"}
-    # one engine per command: the checkpoints (dev split), the in-domain presets, MeanShift, the real-benchmark slice
-    assert len(evals) == 4
+    # one engine per command: the checkpoints (dev split), the in-domain presets, MeanShift, the real-benchmark
+    # slice, the steering-trained heads (in-domain, autodeco only)
+    assert len(evals) == 5
     assert [argv[argv.index("--tasks") + 1] for argv in evals[:3]] == ["arith_dev", "arith", "arith"]
+    steered = evals[4]
+    assert steered[steered.index("--model") + 1].endswith("steer") and steered[steered.index("--decoding") + 1] == "autodeco"
+    train_steer, = [argv for argv in issued if argv[0] == "train-steer"]
+    assert train_steer[train_steer.index("--init_from") + 1].endswith("train/final")
+    steer, = [argv for argv in issued if argv[0] == "steer"]
+    assert steer[steer.index("--model") + 1].count(",") == 1 and "configs/steer/heldout.yaml" in " ".join(steer)
     assert "sweep" in commands and "bench efficiency" in commands

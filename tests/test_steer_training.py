@@ -227,7 +227,7 @@ def test_train_steer_cli_end_to_end(tmp_path, fresh_heads, capsys):
             "--max_prompts", "2", "--completions_per_prompt", "1", "--completion_tokens", "6",
             "--pairs_per_completion", "2", "--sample_decoding", "autodeco", "--sample_backend", "hf",
             "--max_steps", "4", "--batch_size", "2", "--top_p_triples", "2", "--logging_steps", "2",
-            "--top_p_positions", "3", "--autodeco_rows", "1", "--no_progress"]
+            "--top_p_positions", "3", "--autodeco_rows", "1", "--sample_under_commands", "false", "--no_progress"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     n_words = len(wordings(load_config(TRAIN).commands, "lower")), len(wordings(load_config(TRAIN).commands, "higher"))
