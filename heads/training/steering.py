@@ -78,7 +78,7 @@ from heads.training.steer_data import (
 LOG_FILE = "log_history.jsonl"
 CONFIG_FILE = "steer_train_config.yaml"
 
-__all__ = ["masked_mean", "ranking_loss", "ordering", "steer_loss", "train_steering"]
+__all__ = ["masked_mean", "ranking_terms", "ranking_loss", "ordering", "steer_loss", "train_steering"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)
 
 
-def ranking_loss(baseline: torch.Tensor, lower: torch.Tensor, higher: torch.Tensor, margin: float,
-                 kind: str = "hinge", softness: float = 0.02) -> torch.Tensor:
-    """Pairwise ranking of per-triple means [N]: lower below baseline and higher above it, each by
-    ``margin`` (see the module docstring); the mean over triples of the two terms' sum."""
+def ranking_terms(baseline: torch.Tensor, lower: torch.Tensor, higher: torch.Tensor, margin: float,
+                  kind: str = "hinge", softness: float = 0.02) -> torch.Tensor:
+    """The two pairwise terms' sum, elementwise (any shape): lower below baseline and higher above
+    it, each by ``margin`` (see the module docstring)."""
     gaps = torch.stack([baseline - lower - margin, higher - baseline - margin])
     if kind == "hinge":
         terms = F.relu(-gaps)
@@ -102,7 +102,13 @@ def ranking_loss(baseline: torch.Tensor, lower: torch.Tensor, higher: torch.Tens
         terms = softness * F.softplus(-gaps / softness)
     else:
         raise ValueError(f"ranking_loss: kind must be hinge or logistic, got {kind!r}")
-    return terms.sum(0).mean()
+    return terms.sum(0)
+
+
+def ranking_loss(baseline: torch.Tensor, lower: torch.Tensor, higher: torch.Tensor, margin: float,
+                 kind: str = "hinge", softness: float = 0.02) -> torch.Tensor:
+    """Pairwise ranking of per-triple means [N]: the mean over triples of `ranking_terms`."""
+    return ranking_terms(baseline, lower, higher, margin, kind, softness).mean()
 
 
 def ordering(baseline: torch.Tensor, lower: torch.Tensor, higher: torch.Tensor) -> dict:
@@ -128,9 +134,8 @@ def _rank(values: torch.Tensor, means: torch.Tensor, mask: torch.Tensor, top: fl
         g = to_rank_space(means, top, cfg.rank_space)
         return ranking_loss(g[:, 0], g[:, 1], g[:, 2], margin, cfg.rank_loss, cfg.softness)
     g = to_rank_space(values, top, cfg.rank_space)  # [B, 3, L]
-    gaps = torch.stack([g[:, 0] - g[:, 1] - margin, g[:, 2] - g[:, 0] - margin])  # [2, B, L]
-    terms = F.relu(-gaps) if cfg.rank_loss == "hinge" else cfg.softness * F.softplus(-gaps / cfg.softness)
-    return masked_mean(terms.sum(0), mask).mean()
+    terms = ranking_terms(g[:, 0], g[:, 1], g[:, 2], margin, cfg.rank_loss, cfg.softness)  # [B, L]
+    return masked_mean(terms, mask).mean()
 
 
 def _log_odds_gap(values: torch.Tensor, reference: torch.Tensor, top: float) -> torch.Tensor:
