@@ -253,6 +253,8 @@ def headline(out: Path) -> list[str]:
     from reports.steering import find_steering, summary_lines
 
     runs = find_runs([out / "runs"])
+    steering = find_steering([out / "runs"])  # its lines name the folders as they are: before the renaming below
+    steering_lines = ["    " + text for text in summary_lines(steering, runs)] if steering else []
     sweeps = [s for s in find_sweeps([out / "runs"]) if s.task == IN_DOMAIN]
     for item in [*runs, *sweeps]:  # the trained heads' folder is `final`: put it in SmolLM2's block
         item.model_name = MODEL if item.model_name == "final" else item.model_name
@@ -285,10 +287,9 @@ def headline(out: Path) -> list[str]:
         lines.append(f"    ({err})")
     lines += verdict_lines(runs, sweeps)
     lines += efficiency_lines(out / "efficiency" / "efficiency.json")
-    steering = find_steering([out / "runs"])
-    if steering:
+    if steering_lines:
         lines.append("  steering by commands (held-out prompts and wordings; ΔT/ΔP vs no command, consistency):")
-        lines += ["    " + text for text in summary_lines(steering, find_runs([out / "runs"]))]  # folder names as they are
+        lines += steering_lines
     return lines
 
 
