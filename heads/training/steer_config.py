@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.core.config import FieldError
+from harness.core.paths import CONFIGS_DIR
 
 RANK_LOSSES = ("hinge", "logistic")
 RANK_SPACES = ("logit", "value")
@@ -25,7 +26,7 @@ class SteerTrainingConfig:
 
     init_from: str = field(default="", metadata={
         "help": "a trained AutoDeco model folder: its heads are the starting point (required)"})
-    steer_config: str = field(default="configs/steer/train.yaml", metadata={
+    steer_config: str = field(default=str(CONFIGS_DIR / "steer" / "train.yaml"), metadata={
         "help": "steering YAML with the training prompts and the command wordings (text lists) per direction"})
     output_dir: str = field(default="runs/steer", metadata={
         "help": "final/ (the steered heads), log_history.jsonl, steer_train_config.yaml, steer_data.pt (cache)"})

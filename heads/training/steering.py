@@ -58,7 +58,6 @@ import yaml
 
 from harness.backends import get_backend
 from harness.core.files import atomic_folder, atomic_write, atomic_write_json, check_output_folder
-from harness.core.paths import CONFIGS_DIR
 from harness.models import check_model, require_autodeco, resolve_path
 from harness.steer import STEER_PROVENANCE, load_config
 from heads.model import AutoDecoModelForCausalLM, predict, weight_files
@@ -245,9 +244,6 @@ def measure_ordering(model, data: SteerData, cfg: SteerTrainingConfig, batch_siz
 def check_inputs(cfg: SteerTrainingConfig):
     """Everything the user gave, before a model is loaded or a file written: (model path, steering
     config, AutoDeco rows)."""
-    shipped = CONFIGS_DIR.parent / cfg.steer_config  # the default names the repo's file from any folder
-    if not Path(cfg.steer_config).exists() and not Path(cfg.steer_config).is_absolute() and shipped.is_file():
-        cfg.steer_config = str(shipped)
     config = load_config(cfg.steer_config)
     check_steer_config(config)
     rows = load_rows(cfg)
