@@ -363,6 +363,8 @@ CASES = [
          "hidden_cache", "{tmp}/f", "file"),
     case("train-hidden-cache-dtype", lambda t, m: train(t, "--hidden_cache_dtype", "int8"), "--hidden-cache-dtype",
          "int8"),
+    case("train-hidden-cache-fill", lambda t, m: train(t, "--hidden_cache_fill", "never"), "--hidden-cache-fill",
+         "never"),
     case("train-hidden-cache-dtype-yaml", lambda t, m: train(t, "--config", str(write(t / "c.yaml",
                                                                                     "hidden_cache_dtype: int8\n"))),
          "{tmp}/c.yaml", "hidden_cache_dtype", "float32"),

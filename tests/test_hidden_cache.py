@@ -214,6 +214,37 @@ def test_build_stores_the_base_values_and_reopens(model, rows, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_writer_filled_in_any_order_is_the_built_cache(model, rows, tmp_path):
+    """What the first epoch does: rows computed in the trainer's order and grouping (each step gets
+    the base's logits at its loss positions back), the rest by `finish`; nothing is visible under the
+    folder before `finish`, and a discarded writer leaves nothing behind."""
+    key = hidden_cache.cache_key(model.llm, rows, 64, torch.float32)
+    built = hidden_cache.build(model, rows, tmp_path / "built" / key, key, torch.float32, progress=False)
+    writer = hidden_cache.CacheWriter(model, rows, tmp_path / "filled" / key, key, torch.float32)
+    assert writer.missing == [0, 1, 2] and not writer.has([2])
+    step = writer.compute([2, 0])
+    assert writer.missing == [1] and writer.has([0, 2]) and not (tmp_path / "filled" / key).exists()
+    expected = built.batch([2, 0])
+    for name in ("targets", "easy", "n_tokens"):
+        assert torch.equal(step[name], expected[name]), name
+    torch.testing.assert_close(step["hidden"], expected["hidden"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step["logits"].float(), model.get_output_embeddings()(expected["hidden"]).float(),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(writer.batch([2, 0])["hidden"], step["hidden"])
+    filled = writer.finish(progress=False)
+    everything = list(range(len(rows)))
+    got, want = filled.batch(everything), built.batch(everything)
+    assert torch.equal(got["targets"], want["targets"]) and torch.equal(got["easy"], want["easy"])
+    torch.testing.assert_close(got["hidden"], want["hidden"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["base_prob"], want["base_prob"], rtol=1e-4, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "filled").iterdir()) == [key]
+    dropped = hidden_cache.CacheWriter(model, rows, tmp_path / "dropped" / key, key, torch.float32)
+    dropped.compute([1])
+    dropped.discard()
+    assert list((tmp_path / "dropped").iterdir()) == []
+
+
+@pytest.mark.slow
 def test_the_key_changes_with_base_data_max_length_and_dtype(model, rows):
     key = hidden_cache.cache_key(model.llm, rows, 64, torch.float32)
     assert hidden_cache.cache_key(model.llm, [tuple(r) for r in rows], 64, torch.float32) == key
@@ -320,41 +351,54 @@ def _train(tmp: Path, data: Path, model_path: Path, name: str, **changes):
 
 @pytest.mark.slow
 def test_training_from_the_cache_equals_training_without_it(tmp_path, smollm2_path, capsys, monkeypatch):
+    """Two epochs of 4 steps: without the cache; with it written by the first epoch's steps (the
+    default: the second epoch reads it); with it built before the first step. Same losses, heads."""
     from safetensors.torch import load_file
 
     from tests.test_trainer import write_arith_rows
 
     torch.set_num_threads(2)
     data = write_arith_rows(tmp_path / "train.jsonl", smollm2_path, n=8)
-    plain, plain_log = _train(tmp_path, data, smollm2_path, "plain", hidden_cache="off")
+    plain, plain_log = _train(tmp_path, data, smollm2_path, "plain", hidden_cache="off", max_steps=8)
     assert "hidden cache" not in capsys.readouterr().out
     store = tmp_path / "cache"
-    cached, cached_log = _train(tmp_path, data, smollm2_path, "cached", hidden_cache=str(store))
+    cached, cached_log = _train(tmp_path, data, smollm2_path, "cached", hidden_cache=str(store), max_steps=8)
     out = capsys.readouterr().out
     (folder,) = store.iterdir()
-    assert f"hidden cache: {folder} (8 rows," in out and "float32" in out
-    assert [row["step"] for row in cached_log] == [1, 2, 3, 4]
-    for a, b in zip(plain_log, cached_log, strict=True):
-        for key in ("loss", "temp_loss", "top_p_loss", "temperature_mean", "top_p_mean"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-        assert (a["kept_tokens"], a["easy_fraction"], a["num_tokens"]) == (
-            b["kept_tokens"], b["easy_fraction"], b["num_tokens"])
-    heads_a, heads_b = load_file(str(plain / "model.safetensors")), load_file(str(cached / "model.safetensors"))
-    for name, tensor in heads_a.items():
-        torch.testing.assert_close(heads_b[name], tensor, rtol=1e-3, atol=1e-4)
+    assert f"hidden cache: {folder} is written by the first epoch (8 rows)" in out
+    assert f"hidden cache: {folder} (8 rows," in out and "float32; written by the first epoch)" in out
+    before, before_log = _train(tmp_path, data, smollm2_path, "before", hidden_cache=str(tmp_path / "cache-before"),
+                                hidden_cache_fill="before", max_steps=8)
+    assert "written by the first epoch" not in capsys.readouterr().out
+    heads_a = load_file(str(plain / "model.safetensors"))
+    for log, run in ((cached_log, cached), (before_log, before)):
+        assert [row["step"] for row in log] == list(range(1, 9))
+        for a, b in zip(plain_log, log, strict=True):
+            for key in ("loss", "temp_loss", "top_p_loss", "temperature_mean", "top_p_mean"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+            assert (a["kept_tokens"], a["easy_fraction"], a["num_tokens"]) == (
+                b["kept_tokens"], b["easy_fraction"], b["num_tokens"])
+        heads_b = load_file(str(run / "model.safetensors"))
+        for name, tensor in heads_a.items():
+            torch.testing.assert_close(heads_b[name], tensor, rtol=1e-3, atol=1e-4)
 
     # A second run reads the cache: nothing is built, the same heads come out.
     calls = []
-    real_build = hidden_cache.build
-    monkeypatch.setattr(hidden_cache, "build", lambda *a, **k: calls.append(1) or real_build(*a, **k))
-    again, again_log = _train(tmp_path, data, smollm2_path, "again", hidden_cache=str(store))
+    real_compute = hidden_cache.CacheWriter.compute
+    monkeypatch.setattr(hidden_cache.CacheWriter, "compute", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
+    again, again_log = _train(tmp_path, data, smollm2_path, "again", hidden_cache=str(store), max_steps=8)
     assert not calls and f"hidden cache: {folder}" in capsys.readouterr().out
-    assert [row["loss"] for row in again_log] == [row["loss"] for row in cached_log]
-    heads_c = load_file(str(again / "model.safetensors"))
+    assert [row["loss"] for row in again_log[4:]] == [row["loss"] for row in cached_log[4:]]
+    heads_b, heads_c = load_file(str(cached / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert all(torch.equal(heads_c[name], heads_b[name]) for name in heads_b)
 
-    # Another max_length tokenizes other rows: another key, another folder.
+    # Another max_length tokenizes other rows: another key. A run shorter than an epoch keeps no
+    # partial cache (nothing appears in the store); built before the first step, it is kept.
     _train(tmp_path, data, smollm2_path, "shorter", hidden_cache=str(store), max_length=64, max_steps=1)
+    assert "hidden cache: not kept (2 of 8 rows written" in capsys.readouterr().out
+    assert len(list(store.iterdir())) == 1
+    _train(tmp_path, data, smollm2_path, "shorter-before", hidden_cache=str(store), max_length=64, max_steps=1,
+           hidden_cache_fill="before")
     assert len(list(store.iterdir())) == 2
 
 

@@ -4,9 +4,10 @@
   the direct autograd form, each run in a fresh process (peak RSS over the inputs), repeats
   interleaved, medians.
 - train: real `AutoDecoTrainer` steps vs the base forward alone on the same rows of natural text,
-  in tokens per second: the first epoch (building the hidden-state cache + an epoch read from it)
-  and a cached epoch, where a cached step's time goes, and the forward timed before the loss ever
-  ran and after (same process).
+  in tokens per second: the first epoch (its steps run the base and write the hidden-state cache,
+  as training does by default; for reference, the cache built before the first step + an epoch
+  read from it) and a cached epoch, where a cached step's time goes, and the forward timed before
+  the loss ever ran and after (same process).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def loss(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # autodeco bench train: training tokens/s / base forward-only tokens/s, first epoch and cached epochs
 
-FIRST_EPOCH_GOAL = 0.7  # training tokens/s of epoch 1 (building the hidden cache included) / forward-only
+FIRST_EPOCH_GOAL = 0.8  # training tokens/s of epoch 1 (writing the hidden cache included) / forward-only
 CACHED_EPOCH_GOAL = 3.0  # training tokens/s of an epoch read from the cache / forward-only
 PARTS = ("read", "logits", "heads", "features", "kernel", "loss other", "backward", "optimizer")
 
@@ -161,8 +162,10 @@ def cached_step_parts(model, cache, row_batches, cfg) -> dict[str, list[float]]:
 def train(args) -> int:
     """Training tokens/s against base forward-only tokens/s on SmolLM2, in one process.
 
-    - first epoch: building the hidden-state cache (one base forward over the rows, median of
-      ``--build-repeats`` builds) + one epoch of steps read from it;
+    - first epoch, as `autodeco train` runs it (``hidden_cache_fill: first_epoch``): each step runs
+      the base on its rows, stores their hidden states and trains on the base's own logits (median
+      step); for reference, the cache built before the first step (``before``: median of
+      ``--build-repeats`` builds) + one epoch read from it;
     - cached epoch: an epoch of steps read from the cache (median step);
     - without the cache (``--uncached-steps``): the base forward in every step, for reference;
     - where a cached step's time goes (median per part over the rows);
@@ -192,7 +195,7 @@ def train(args) -> int:
             values.update(changes)
             return AutoDecoTrainingConfig(**values)
 
-        cfg = config(num_train_epochs=epochs, hidden_cache=str(Path(tmp) / "cache"))
+        cfg = config(num_train_epochs=epochs, hidden_cache=str(Path(tmp) / "cache"), hidden_cache_fill="first_epoch")
         model, base_path = build_model(cfg)
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         prompt_len = length // 4  # natural text: the base's real next-token distributions
@@ -218,27 +221,33 @@ def train(args) -> int:
             def on_step_end(self, _args, state, *a, **k):
                 step_times.append((state.epoch, time.perf_counter() - self.start))
 
-        # The cache: its key once (hashing the base's tensors: a fixed cost per run), then builds.
+        # The key once (hashing the base's tensors: a fixed cost per run), then builds before any
+        # training, under other names: the trainer's own cache is written by its first epoch.
         trainer = AutoDecoTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, callbacks=[Timer()])
         data = trainer.train_dataset
         cache_rows = list(zip(data["input_ids"], data["labels"], strict=True))
         dtype = model.llm.dtype if args.cache_dtype == "auto" else hidden_cache.DTYPES[args.cache_dtype]
         start = time.perf_counter()
-        key = hidden_cache.cache_key(model.llm, cache_rows, length, dtype)
+        hidden_cache.cache_key(model.llm, cache_rows, length, dtype)
         key_seconds = time.perf_counter() - start
         build_seconds = []
         for repeat in range(args.build_repeats):
-            folder = Path(cfg.hidden_cache) / (key if repeat == args.build_repeats - 1 else f"repeat-{repeat}")
+            folder = Path(tmp) / "builds" / f"repeat-{repeat}"
             start = time.perf_counter()
-            cache = hidden_cache.build(model, cache_rows, folder, folder.name, dtype, batch_size=batch,
+            built = hidden_cache.build(model, cache_rows, folder, folder.name, dtype, batch_size=batch,
                                        chunk=cfg.loss_chunk_size, pad_token_id=tokenizer.pad_token_id, progress=False)
             build_seconds.append(time.perf_counter() - start)
-        warm = cache.batch([0])  # compile the loss kernel (cached on disk) outside the timed steps
+        warm = built.batch([0])  # compile the loss kernel (cached on disk) outside the timed steps
         autodeco_loss_from_hidden(warm["hidden"][:8].to(model.llm.dtype), model.get_output_embeddings(),
                                   model.temp_head, model.top_p_head, warm["targets"][:8], warm["easy"][:8],
                                   warm["base_prob"][:8])
         trainer.train()
+        cache = trainer.use_hidden_cache()
+        if not isinstance(cache, hidden_cache.HiddenCache):
+            raise RuntimeError(f"bench train: the trainer did not complete its hidden cache ({cache!r})")
+        fill_seconds = [seconds for _, seconds in step_times[:steps]]
+        step_times = step_times[steps:]
         parts = cached_step_parts(model, cache, [list(range(i, i + batch)) for i in range(0, len(rows), batch)], cfg)
         uncached: list[float] = []
         if args.uncached_steps:
@@ -254,21 +263,24 @@ def train(args) -> int:
     tokens_per_step = batch * length
     forward_before = tokens_per_step / statistics.median(before)
     forward_after = tokens_per_step / statistics.median(after)
-    cached_steps = [seconds for _, seconds in step_times[1:]]  # the very first step warms up the allocator
+    cached_steps = [seconds for _, seconds in step_times]
     step_median = statistics.median(cached_steps)
     cached_tps = tokens_per_step / step_median
-    first_seconds = statistics.median(build_seconds) + steps * step_median
-    first_tps = tokens_per_step * steps / first_seconds
-    first_with_key = tokens_per_step * steps / (first_seconds + key_seconds)
+    first_tps = tokens_per_step / statistics.median(fill_seconds)
+    before_seconds = statistics.median(build_seconds) + steps * step_median
+    before_tps = tokens_per_step * steps / before_seconds
+    first_with_key = tokens_per_step * steps / (steps * statistics.median(fill_seconds) + key_seconds)
     result = {
         "bench": "train", "model": args.model, "batch": batch, "length": length, "steps_per_epoch": steps,
         "epochs": epochs, "threads": args.threads, "cache_dtype": str(dtype).removeprefix("torch."),
         "forward_seconds_before": before, "forward_seconds_after": after,
         "forward_tokens_per_second_before": forward_before, "forward_tokens_per_second_after": forward_after,
-        "cache_key_seconds": key_seconds, "cache_build_seconds": build_seconds, "train_step_seconds": step_times,
+        "cache_key_seconds": key_seconds, "cache_build_seconds": build_seconds,
+        "first_epoch_step_seconds": fill_seconds, "train_step_seconds": step_times,
         "first_epoch_tokens_per_second": first_tps, "cached_epoch_tokens_per_second": cached_tps,
         "first_epoch_ratio": first_tps / forward_before, "first_epoch_ratio_after": first_tps / forward_after,
         "first_epoch_ratio_with_key": first_with_key / forward_before,
+        "first_epoch_ratio_cache_built_before": before_tps / forward_before,
         "cached_epoch_ratio": cached_tps / forward_before, "cached_epoch_ratio_after": cached_tps / forward_after,
         "goals": {"first_epoch": FIRST_EPOCH_GOAL, "cached_epoch": CACHED_EPOCH_GOAL},
         "cached_step_parts_seconds": {name: statistics.median(values) for name, values in parts.items()},
@@ -277,15 +289,16 @@ def train(args) -> int:
         result["uncached_step_seconds"] = uncached
         result["uncached_ratio"] = tokens_per_step / statistics.median(uncached) / forward_before
     print(f"batch {batch} x length {length}, {steps} steps per epoch, {epochs} epochs, {args.threads} threads, "
-          f"cache dtype {result['cache_dtype']}; medians of {len(cached_steps)} cached steps, "
-          f"{len(build_seconds)} cache builds, {args.forward_repeats} forwards each:")
+          f"cache dtype {result['cache_dtype']}; medians of {len(fill_seconds)} first-epoch steps, "
+          f"{len(cached_steps)} cached steps, {len(build_seconds)} cache builds, {args.forward_repeats} forwards each:")
     print(f"  base forward-only {forward_before:.1f} tokens/s before the loss ran, {forward_after:.1f} after it "
           f"(after / before = {forward_after / forward_before:.3f}; 1 = no interference)")
     print(f"  cache build {statistics.median(build_seconds):.2f} s for {tokens_per_step * steps} tokens "
           f"(+ {key_seconds:.2f} s once per run to hash the base's tensors for the key)")
-    print(f"first-epoch ratio  = {result['first_epoch_ratio']:.3f} (forward after the loss: "
-          f"{result['first_epoch_ratio_after']:.3f}; with the key's hash: {result['first_epoch_ratio_with_key']:.3f}); "
-          f"goal >= {FIRST_EPOCH_GOAL}")
+    print(f"first-epoch ratio  = {result['first_epoch_ratio']:.3f} (its steps write the cache; forward after the "
+          f"loss: {result['first_epoch_ratio_after']:.3f}; with the key's hash: "
+          f"{result['first_epoch_ratio_with_key']:.3f}; cache built before the first step instead: "
+          f"{result['first_epoch_ratio_cache_built_before']:.3f}); goal >= {FIRST_EPOCH_GOAL}")
     print(f"cached-epoch ratio = {result['cached_epoch_ratio']:.3f} (forward after the loss: "
           f"{result['cached_epoch_ratio_after']:.3f}); goal >= {CACHED_EPOCH_GOAL}")
     if uncached:

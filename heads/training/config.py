@@ -15,6 +15,7 @@ from harness.core.config import FieldError
 
 DEFAULT_LOSS_CHUNK = 256  # = heads.training.loss.DEFAULT_CHUNK
 HIDDEN_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto + heads.training.hidden_cache.DTYPES
+HIDDEN_CACHE_FILLS = ("first_epoch", "before")
 
 
 @dataclass
@@ -42,6 +43,11 @@ class AutoDecoArguments:
     hidden_cache: str = field(default="auto", metadata={
         "help": "train from a cache of the frozen base's last hidden states (one base forward over the data, then "
                 "epochs without it): auto (under $AUTODECO_HOME/hidden-cache when it fits on disk), off, or a folder"})
+    hidden_cache_fill: str = field(default="first_epoch", metadata={
+        "help": "when a new cache is written: first_epoch (the first epoch's steps run the base and store what it "
+                "gives, so the cache costs no pass of its own) or before (one base forward over the data before the "
+                "first step); before is used anyway with several processes, dataloader workers, a resumed run or "
+                "a storage dtype other than the base's", "choices": HIDDEN_CACHE_FILLS})
     hidden_cache_dtype: str = field(default="auto", metadata={
         "help": "storage dtype of the cached hidden states: auto (the base's own: exact), float32, bfloat16, float16",
         "choices": HIDDEN_CACHE_DTYPES})
@@ -59,6 +65,8 @@ class AutoDecoArguments:
             (0 < self.min_temperature, "min_temperature", "must be > 0"),
             (self.loss_chunk_size >= 1, "loss_chunk_size", "must be >= 1"),
             (bool(self.hidden_cache.strip()), "hidden_cache", "must be auto, off or a folder"),
+            (self.hidden_cache_fill in HIDDEN_CACHE_FILLS, "hidden_cache_fill",
+             f"must be one of {', '.join(HIDDEN_CACHE_FILLS)}"),
             (self.hidden_cache_dtype in HIDDEN_CACHE_DTYPES, "hidden_cache_dtype",
              f"must be one of {', '.join(HIDDEN_CACHE_DTYPES)}"),
         ):

@@ -66,7 +66,7 @@ LOGITS_CHECK_RTOL = 1e-2
 CHECK_ROWS = 16  # loss positions of the first batch on which that is checked
 BLOCK_ROWS = 4  # logits rows per block when computing easy / base_prob on CPU (4 x V float32 stay in cache)
 
-__all__ = ["DTYPES", "CacheDamaged", "HiddenCache", "build", "cache_key", "loss_positions", "prepare"]
+__all__ = ["DTYPES", "CacheDamaged", "CacheWriter", "HiddenCache", "build", "cache_key", "loss_positions", "prepare"]
 
 
 class CacheDamaged(Exception):
@@ -265,93 +265,155 @@ def _check_logits(net, hidden: torch.Tensor, logits: torch.Tensor) -> None:
                             f"(max difference {error:.3g} at logits up to {scale:.3g}); use hidden_cache off")
 
 
-def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path, key: str, dtype: torch.dtype, *,
-          batch_size: int = 1, chunk: int = 256, pad_token_id: int = 0, progress: bool = True) -> HiddenCache:
-    """Run the base once over ``rows`` ((token ids, labels) each) and write the cache to ``folder``.
+class CacheWriter:
+    """A cache being written under a temporary folder beside ``folder``: rows arrive in any order
+    and any grouping (`compute`: a training step's batch, so the first epoch fills the cache as it
+    trains), `finish` runs the base over the rows still missing, writes ``meta.json`` and renames
+    the folder into place; `discard` removes it. Nothing is visible under ``folder`` before `finish`.
 
-    Rows go through the base in batches of ``batch_size`` rows of similar length (longest first,
-    right-padded); the lm_head runs only on the loss positions' span, and easy/base_prob come from
-    those logits. Written under a temporary name beside ``folder`` and renamed when complete; if
-    another process finished the same folder meanwhile, its copy is used. Returns the opened cache.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    positions = [loss_positions(labels) for _, labels in rows]
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(p) for p in positions])
-    total = int(offsets[-1])
-    vocab, hidden_size = net.get_output_embeddings().weight.shape
-    device = net.get_output_embeddings().weight.device
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        stored = np.lib.format.open_memmap(tmp / "hidden.npy", mode="w+", dtype=_NUMPY[dtype],
-                                           shape=(total, hidden_size))
-        targets = np.zeros(total, dtype=np.int32)
-        easy = np.zeros(total, dtype=bool)
-        base_prob = np.zeros(total, dtype=np.float32)
-        order = sorted((r for r in range(len(rows)) if len(positions[r])), key=lambda r: -len(rows[r][0]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        block = BLOCK_ROWS if device.type == "cpu" else chunk
-        buffers = torch.empty(2, min(block, max(total, 1)), vocab, device=device)  # reused: no page faults
-        was_training = net.training
+    Rows go through the base right-padded; the lm_head runs only on the loss positions' span, and
+    easy/base_prob come from those logits (float32 arithmetic of the loss)."""
+
+    def __init__(self, net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path, key: str,
+                 dtype: torch.dtype, *, chunk: int = 256, pad_token_id: int = 0):
+        self.net, self.rows, self.folder, self.key, self.dtype = net, rows, Path(folder), key, dtype
+        self.pad_token_id = pad_token_id
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.positions = [loss_positions(labels) for _, labels in rows]
+        self.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        self.offsets[1:] = np.cumsum([len(p) for p in self.positions])
+        total = int(self.offsets[-1])
+        vocab, self.hidden_size = net.get_output_embeddings().weight.shape
+        self.device = net.get_output_embeddings().weight.device
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=self.folder.parent))
+        self.stored = np.lib.format.open_memmap(self.tmp / "hidden.npy", mode="w+", dtype=_NUMPY[dtype],
+                                                shape=(total, self.hidden_size))
+        self.targets = np.zeros(total, dtype=np.int32)
+        self.easy = np.zeros(total, dtype=bool)
+        self.base_prob = np.zeros(total, dtype=np.float32)
+        self.written = np.array([len(p) == 0 for p in self.positions], dtype=bool)  # rows without a loss position
+        block = BLOCK_ROWS if self.device.type == "cpu" else chunk
+        self.buffers = torch.empty(2, min(block, max(total, 1)), vocab, device=self.device)  # reused: no page faults
+        self.checked = False
+
+    @property
+    def missing(self) -> list[int]:
+        return np.flatnonzero(~self.written).tolist()
+
+    def has(self, rows: Sequence[int]) -> bool:
+        return bool(self.written[np.asarray(rows, dtype=np.int64)].all())
+
+    @torch.no_grad()
+    def compute(self, batch: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Run the base over rows ``batch`` (indices into ``rows``) and store them; returns what the
+        loss needs, as `HiddenCache.batch` does, plus ``logits`` [n, V] (the base's own, at the
+        loss positions, row after row): the step that wrote them need not recompute them."""
+        rows, positions, offsets = self.rows, self.positions, self.offsets
+        n_tokens = torch.tensor(sum(len(rows[int(r)][0]) for r in batch))
+        batch = [int(r) for r in batch if len(positions[r])]
+        if not batch:
+            empty = torch.zeros(0, self.hidden_size, dtype=self.dtype)
+            return {"hidden": empty, "logits": torch.zeros(0, self.buffers.shape[-1]),
+                    "targets": torch.zeros(0, dtype=torch.long), "easy": torch.zeros(0, dtype=torch.bool),
+                    "base_prob": torch.zeros(0), "n_tokens": n_tokens}
+        net, was_training = self.net, self.net.training
         net.eval()
         try:
-            with torch.no_grad(), tqdm(total=len(order), desc="hidden cache", unit="row", disable=not progress) as bar:
-                for number, batch in enumerate(batches):
-                    width = max(len(rows[r][0]) for r in batch)
-                    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-                    mask = torch.zeros((len(batch), width), dtype=torch.long)
-                    for i, r in enumerate(batch):
-                        ids[i, : len(rows[r][0])] = torch.as_tensor(rows[r][0])
-                        mask[i, : len(rows[r][0])] = 1
-                    first = min(int(positions[r][0]) for r in batch)
-                    hidden, logits = _run_base(net, ids.to(device), mask.to(device), first)
-                    pick_b = torch.cat([torch.full((len(positions[r]),), i) for i, r in enumerate(batch)])
-                    pick_t = torch.from_numpy(np.concatenate([positions[r] for r in batch]) - first)
-                    h, lg = hidden[pick_b, pick_t], logits[pick_b, pick_t]
-                    labels = torch.from_numpy(np.concatenate([np.asarray(rows[r][1], dtype=np.int64)[positions[r] + 1]
-                                                              for r in batch])).to(device)
-                    if number == 0:
-                        _check_logits(net, h[:CHECK_ROWS], lg[:CHECK_ROWS])
-                    row_easy, row_prob = _base_values(lg, labels, buffers)
-                    values = h.to(dtype).cpu()
-                    if not bool(torch.isfinite(values).all()):
-                        raise CacheUnusable(f"hidden_cache: the base's hidden states exceed {dtype}'s range; use "
-                                            f"hidden_cache_dtype bfloat16 or float32")
-                    values = values.view(torch.uint16) if dtype == torch.bfloat16 else values
-                    values = values.numpy()
-                    start = 0
-                    for r in batch:
-                        lo, hi = offsets[r], offsets[r + 1]
-                        count = hi - lo
-                        stored[lo:hi] = values[start : start + count]
-                        targets[lo:hi] = labels[start : start + count].cpu().numpy()
-                        easy[lo:hi] = row_easy[start : start + count]
-                        base_prob[lo:hi] = row_prob[start : start + count]
-                        start += count
-                    bar.update(len(batch))
+            width = max(len(rows[r][0]) for r in batch)
+            ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):
+                ids[i, : len(rows[r][0])] = torch.as_tensor(np.asarray(rows[r][0], dtype=np.int64))
+                mask[i, : len(rows[r][0])] = 1
+            first = min(int(positions[r][0]) for r in batch)
+            hidden, logits = _run_base(net, ids.to(self.device), mask.to(self.device), first)
         finally:
             net.train(was_training)
-        stored.flush()
-        del stored
-        tokens = np.array([len(ids) for ids, _ in rows], dtype=np.int32)
-        for name, array in (("targets", targets), ("easy", easy), ("base_prob", base_prob), ("offsets", offsets),
-                            ("tokens", tokens)):
-            np.save(tmp / f"{name}.npy", array)
-        files = {name: {"bytes": (tmp / f"{name}.npy").stat().st_size, "crc32": _crc32(tmp / f"{name}.npy")}
-                 for name in ARRAYS}
-        atomic_write_json(tmp / META, {"format": FORMAT, "key": key, "dtype": str(dtype).removeprefix("torch."),
-                                       "rows": len(rows), "positions": total, "hidden_size": hidden_size,
-                                       "files": files})
+        pick_b = torch.cat([torch.full((len(positions[r]),), i) for i, r in enumerate(batch)])
+        pick_t = torch.from_numpy(np.concatenate([positions[r] for r in batch]) - first)
+        h, lg = hidden[pick_b, pick_t], logits[pick_b, pick_t]
+        labels = torch.from_numpy(np.concatenate([np.asarray(rows[r][1], dtype=np.int64)[positions[r] + 1]
+                                                  for r in batch])).to(self.device)
+        if not self.checked:
+            _check_logits(net, h[:CHECK_ROWS], lg[:CHECK_ROWS])
+            self.checked = True
+        row_easy, row_prob = _base_values(lg, labels, self.buffers)
+        values = h.to(self.dtype).cpu()
+        if not bool(torch.isfinite(values).all()):
+            raise CacheUnusable(f"hidden_cache: the base's hidden states exceed {self.dtype}'s range; use "
+                                f"hidden_cache_dtype bfloat16 or float32")
+        stored = values.view(torch.uint16) if self.dtype == torch.bfloat16 else values
+        stored, start = stored.numpy(), 0
+        for r in batch:
+            lo, hi = offsets[r], offsets[r + 1]
+            count = hi - lo
+            self.stored[lo:hi] = stored[start : start + count]
+            self.targets[lo:hi] = labels[start : start + count].cpu().numpy()
+            self.easy[lo:hi] = row_easy[start : start + count]
+            self.base_prob[lo:hi] = row_prob[start : start + count]
+            start += count
+        self.written[batch] = True
+        return {"hidden": values, "logits": lg, "targets": labels.cpu(), "easy": torch.from_numpy(row_easy.copy()),
+                "base_prob": torch.from_numpy(row_prob.copy()), "n_tokens": n_tokens}
+
+    def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows already written (`has`), read back as `HiddenCache.batch` reads them."""
+        return self._view().batch(rows)
+
+    def _view(self) -> HiddenCache:
+        tokens = np.array([len(ids) for ids, _ in self.rows], dtype=np.int32)
+        return HiddenCache(folder=self.tmp, dtype=self.dtype, hidden=self.stored, targets=self.targets, easy=self.easy,
+                           base_prob=self.base_prob, offsets=self.offsets, tokens=tokens)
+
+    def finish(self, *, batch_size: int = 1, progress: bool = True) -> HiddenCache:
+        """Compute the missing rows (longest first, ``batch_size`` at a time), write the cache and
+        rename it into ``folder``; if another process finished the same folder meanwhile, its copy
+        is used. Returns the opened cache. The writer is spent afterwards."""
         try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / META).is_file():  # not a finished copy from another process: a real failure
-                raise
+            order = sorted(self.missing, key=lambda r: -len(self.rows[r][0]))
+            with tqdm(total=len(order), desc="hidden cache", unit="row", disable=not progress or not order) as bar:
+                for start in range(0, len(order), batch_size):
+                    self.compute(order[start : start + batch_size])
+                    bar.update(len(order[start : start + batch_size]))
+            self.stored.flush()
+            del self.stored
+            tmp = self.tmp
+            tokens = np.array([len(ids) for ids, _ in self.rows], dtype=np.int32)
+            for name, array in (("targets", self.targets), ("easy", self.easy), ("base_prob", self.base_prob),
+                                ("offsets", self.offsets), ("tokens", tokens)):
+                np.save(tmp / f"{name}.npy", array)
+            files = {name: {"bytes": (tmp / f"{name}.npy").stat().st_size, "crc32": _crc32(tmp / f"{name}.npy")}
+                     for name in ARRAYS}
+            atomic_write_json(tmp / META, {"format": FORMAT, "key": self.key,
+                                           "dtype": str(self.dtype).removeprefix("torch."), "rows": len(self.rows),
+                                           "positions": int(self.offsets[-1]), "hidden_size": self.hidden_size,
+                                           "files": files})
+            try:
+                os.rename(tmp, self.folder)
+            except OSError:
+                if not (self.folder / META).is_file():  # not a finished copy from another process: a real failure
+                    raise
+        finally:
+            self.discard()
+        return open_cache(self.folder, self.key)
+
+    def discard(self) -> None:
+        """Remove the temporary folder (nothing of it was visible under ``folder``)."""
+        self.__dict__.pop("stored", None)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path, key: str, dtype: torch.dtype, *,
+          batch_size: int = 1, chunk: int = 256, pad_token_id: int = 0, progress: bool = True) -> HiddenCache:
+    """Run the base once over ``rows`` ((token ids, labels) each) and write the cache to ``folder``
+    (`CacheWriter` with no row computed yet, finished): batches of ``batch_size`` rows of similar
+    length, longest first. Returns the opened cache."""
+    writer = CacheWriter(net, rows, folder, key, dtype, chunk=chunk, pad_token_id=pad_token_id)
+    try:
+        return writer.finish(batch_size=batch_size, progress=progress)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return open_cache(folder, key)
+        writer.discard()
 
 
 def estimated_bytes(rows, hidden_size: int, dtype: torch.dtype) -> int:
@@ -362,9 +424,10 @@ def estimated_bytes(rows, hidden_size: int, dtype: torch.dtype) -> int:
 
 def prepare(net, rows, root: str | os.PathLike, *, max_length: int | None, dtype: torch.dtype, batch_size: int = 1,
             chunk: int = 256, pad_token_id: int = 0, progress: bool = True,
-            warn: Callable[[str], None] | None = None) -> HiddenCache:
+            warn: Callable[[str], None] | None = None, fill_later: bool = False) -> HiddenCache | CacheWriter:
     """The cache of ``rows`` ((token ids, labels) each) for the AutoDeco model ``net``'s base, under
-    ``root``: opened when a sound one exists, else built (a damaged one is removed with a warning first)."""
+    ``root``: opened when a sound one exists, else built (a damaged one is removed with a warning
+    first) — or, with ``fill_later``, a `CacheWriter` for the caller to fill and finish."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
     folder = Path(root) / cache_key(net.llm, rows, max_length, dtype)
     if folder.exists():
@@ -373,5 +436,7 @@ def prepare(net, rows, root: str | os.PathLike, *, max_length: int | None, dtype
         except CacheDamaged as err:
             warn(f"hidden cache {folder} is damaged ({err}); computing it again")
             shutil.rmtree(folder)
+    if fill_later:
+        return CacheWriter(net, rows, folder, folder.name, dtype, chunk=chunk, pad_token_id=pad_token_id)
     return build(net, rows, folder, folder.name, dtype, batch_size=batch_size, chunk=chunk,
                  pad_token_id=pad_token_id, progress=progress)

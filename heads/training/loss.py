@@ -737,6 +737,7 @@ def autodeco_loss_from_hidden(
     kernel: str = "auto",
     tail_mass: float = DEFAULT_TAIL_MASS,
     timings: dict[str, float] | None = None,
+    logits: torch.Tensor | None = None,
 ) -> tuple[AutoDecoLoss, torch.Tensor, torch.Tensor]:
     """The objective of `autodeco_loss` from the frozen base's last hidden states (training from a cache).
 
@@ -756,12 +757,16 @@ def autodeco_loss_from_hidden(
     to the rounding of the recomputed logits. Returns the loss and T, P [N] (every loss position).
     ``timings``: seconds per phase are added to it (``logits``, ``heads`` — the two MLPs, with the
     features when they are not fused —, ``features`` — the fused first pass —, ``kernel``).
+    ``logits`` [N, V]: the base's logits at those positions when the caller has them (the step that
+    ran the base to fill the cache): used instead of recomputing them.
     """
     if not (train_temperature or train_top_p):
         raise ValueError("autodeco_loss_from_hidden: enable at least one of train_temperature / train_top_p")
     if easy_token_scope not in EASY_TOKEN_SCOPES:
         raise ValueError(f"autodeco_loss_from_hidden: easy_token_scope must be one of {', '.join(EASY_TOKEN_SCOPES)}")
     n = hidden.shape[0]
+    if logits is not None and (logits.dim() != 2 or logits.shape[0] != n):
+        raise ValueError(f"autodeco_loss_from_hidden: logits must be [N, V] with N = {n}; got {tuple(logits.shape)}")
     if hidden.dim() != 2 or targets.shape != (n,) or easy.shape != (n,) or base_prob.shape != (n,):
         raise ValueError(f"autodeco_loss_from_hidden: expected hidden [N, H] and targets/easy/base_prob [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(easy.shape)}, "
@@ -777,20 +782,21 @@ def autodeco_loss_from_hidden(
         sl = slice(start, start + step)
         h, labels = hidden[sl], targets[sl]
         with _phase(timings, "logits"):
-            logits = _recompute_logits(output_layer, h, workspace)
+            chunk_logits = (_recompute_logits(output_layer, h, workspace) if logits is None
+                            else _float_logits(logits[sl], workspace))
         local = counted[sl].nonzero().squeeze(-1)
         if fused and local.numel():
-            temperature, top_p, part = _fused_chunk(logits, h, labels, local, temp_head, top_p_head, workspace,
+            temperature, top_p, part = _fused_chunk(chunk_logits, h, labels, local, temp_head, top_p_head, workspace,
                                                     min_temperature=min_temperature, alpha=alpha, eps=eps,
                                                     tail_mass=tail_mass, timings=timings)
         else:
             with _phase(timings, "heads"):
-                temperature, top_p, _, _ = predict(temp_head, top_p_head, h, logits)
+                temperature, top_p, _, _ = predict(temp_head, top_p_head, h, chunk_logits)
             part = None
             if local.numel():
                 with _phase(timings, "kernel"):
                     part = _head_terms(temperature[local].clamp_min(min_temperature),
-                                       top_p[local] if train_top_p else None, logits, local, labels[local], alpha,
+                                       top_p[local] if train_top_p else None, chunk_logits, local, labels[local], alpha,
                                        eps, step, terms)
         temperatures.append(temperature)
         top_ps.append(top_p)
@@ -799,7 +805,7 @@ def autodeco_loss_from_hidden(
                                                 top_p[local] if train_top_p else None, part)
             ce_temps.append(ce_temp)
             ce_tops.append(ce_top)
-        del logits
+        del chunk_logits
     temperature, top_p = torch.cat(temperatures), torch.cat(top_ps)
     if not counted.any():
         return _zero_loss(temperature, top_p, train_top_p, counts), temperature, top_p
@@ -824,6 +830,13 @@ def _recompute_logits(output_layer: torch.nn.Module, hidden: torch.Tensor, works
         if raw.dtype == torch.float32:
             return raw
         return _buffer(workspace, "logits", shape).copy_(raw)
+
+
+def _float_logits(logits: torch.Tensor, workspace: dict) -> torch.Tensor:
+    """Given base logits [c, V] as float32 (copied into a buffer kept across chunks unless they are)."""
+    if logits.dtype == torch.float32:
+        return logits
+    return _buffer(workspace, "logits", tuple(logits.shape)).copy_(logits)
 
 
 def _phase(timings: dict[str, float] | None, name: str):

@@ -6,11 +6,13 @@ work too). TRL tokenizes them and masks the prompt (completion-only loss: labels
 
 Per step, `AutoDecoTrainer.compute_loss` runs the base forward under ``no_grad``, the heads with
 gradients, and `heads.training.loss.autodeco_loss` (temperature + soft top-p loss, easy-token masking
-seeded by (seed, step), DFT weights). With ``hidden_cache`` on (the default ``auto``), training
-first runs the base once over the training set and stores its last hidden states
-(`heads.training.hidden_cache`); every step then reads its rows' hidden states from that cache
-and `autodeco_loss_from_hidden` recomputes the logits with the output embedding alone — the same
-objective, same data order and easy-token draws, without the base forward.
+seeded by (seed, step), DFT weights). With ``hidden_cache`` on (the default ``auto``), the base's
+last hidden states are stored once (`heads.training.hidden_cache`) — by the first epoch's steps,
+which run the base on their rows, store what it gives and train on its logits
+(``hidden_cache_fill: first_epoch``), or in one pass before the first step (``before``) — and
+every later step reads its rows' hidden states from that cache while `autodeco_loss_from_hidden`
+recomputes the logits with the output embedding alone: the same objective, same data order and
+easy-token draws, without the base forward.
 
 Only head parameters are trainable; checkpoints (``checkpoint-<step>/``, ``final/``) hold config +
 head tensors only and load with ``AutoDecoModelForCausalLM.from_pretrained``. Every logged step
@@ -54,6 +56,7 @@ HEAD_PREFIXES = ("temp_head.", "top_p_head.")
 LOG_FILE = "log_history.jsonl"
 CONFIG_FILE = "train_config.yaml"
 CACHE_ROW = "cache_row"  # the training dataset's column naming each row's place in the hidden-state cache
+CACHE_ROWS = "cache_rows"  # a batch of rows the cache does not hold yet: the step computes and stores them
 
 __all__ = ["AutoDecoTrainer", "AutoDecoTrainingConfig", "LogHistoryCallback", "train"]
 
@@ -194,20 +197,26 @@ def average_gradients(net: torch.nn.Module) -> None:
 
 class CacheCollator:
     """Training batches from the hidden-state cache: the rows its examples' ``cache_row`` names, in
-    order (each example's token count is checked against the cache's). Examples without a cache
-    row (an evaluation set) go to the trainer's own collator, ``fallback``."""
+    order (each example's token count is checked against the cache's). While the cache is being
+    written (a `hidden_cache.CacheWriter`, during the first epoch), a batch of rows not written yet
+    is only their numbers (``cache_rows``): the step runs the base on them and stores the result.
+    Examples without a cache row (an evaluation set) go to the trainer's own collator, ``fallback``."""
 
-    def __init__(self, cache: hidden_cache.HiddenCache, fallback):
+    def __init__(self, cache: hidden_cache.HiddenCache | hidden_cache.CacheWriter, fallback):
         self.cache, self.fallback = cache, fallback
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples or CACHE_ROW not in examples[0]:
             return self.fallback(examples)
         rows = [example[CACHE_ROW] for example in examples]
+        tokens = self.cache.tokens if isinstance(self.cache, hidden_cache.HiddenCache) else None
         for example, row in zip(examples, rows, strict=True):
-            if "input_ids" in example and len(example["input_ids"]) != int(self.cache.tokens[row]):
-                raise RuntimeError(f"hidden cache {self.cache.folder}: row {row} has {self.cache.tokens[row]} tokens, "
+            expected = int(tokens[row]) if tokens is not None else len(self.cache.rows[row][0])
+            if "input_ids" in example and len(example["input_ids"]) != expected:
+                raise RuntimeError(f"hidden cache {self.cache.folder}: row {row} has {expected} tokens, "
                                    f"the dataset's {len(example['input_ids'])}")
+        if isinstance(self.cache, hidden_cache.CacheWriter) and not self.cache.has(rows):
+            return {CACHE_ROWS: torch.tensor(rows)}
         return self.cache.batch(rows)
 
 
@@ -232,11 +241,13 @@ class AutoDecoTrainer(SFTTrainer):
                        easy_token_drop=cfg.easy_token_drop, easy_token_scope=cfg.easy_token_scope,
                        dft_weighting=cfg.dft_weighting, generator=generator, min_temperature=cfg.min_temperature,
                        chunk_size=cfg.loss_chunk_size)
+        if CACHE_ROWS in inputs:  # rows the cache does not hold yet (first epoch): run the base, store them
+            inputs = self._fill_cache(inputs[CACHE_ROWS].tolist())
         if "hidden" in inputs:  # a batch of the hidden-state cache: no base forward
             output_layer = net.get_output_embeddings()
             out, temperature, top_p = autodeco_loss_from_hidden(
                 inputs["hidden"].to(output_layer.weight.dtype), output_layer, net.temp_head, net.top_p_head,
-                inputs["targets"], inputs["easy"], inputs["base_prob"], **options)
+                inputs["targets"], inputs["easy"], inputs["base_prob"], logits=inputs.get("logits"), **options)
             n_tokens = int(inputs["n_tokens"])
         else:
             input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
@@ -308,9 +319,39 @@ class AutoDecoTrainer(SFTTrainer):
             return "a custom data collator"
         return None
 
-    def use_hidden_cache(self) -> hidden_cache.HiddenCache | None:
-        """Open (or build: one base forward over the training set, with a progress bar) the hidden-state
-        cache that ``hidden_cache`` asks for, and make the training batches read it. None when off."""
+    def _fill_now(self, resuming: bool, dtype: torch.dtype) -> bool:
+        """Whether a new cache can be written by the first epoch's steps (`hidden_cache_fill`):
+        one process, no dataloader workers (the collator must see the writer's progress), a fresh
+        run (a resumed one skips rows) and the base's own dtype (the step's logits are the base's)."""
+        cfg, net = self.args, self.accelerator.unwrap_model(self.model)
+        return (cfg.hidden_cache_fill == "first_epoch" and self.accelerator.num_processes == 1
+                and cfg.dataloader_num_workers == 0 and not resuming and dtype == net.llm.dtype)
+
+    def _fill_cache(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """A training batch for rows the collator found missing: computed and stored by the writer,
+        or read back if the cache was completed since; the cache is finished with its last row."""
+        source = self._hidden_cache
+        if not isinstance(source, hidden_cache.CacheWriter) or source.has(rows):
+            return source.batch(rows)
+        inputs = source.compute(rows)
+        if not source.missing:
+            self._finish_cache()
+        return inputs
+
+    def _finish_cache(self) -> None:
+        writer = self._hidden_cache
+        cache = writer.finish(progress=False)
+        self._hidden_cache = self.data_collator.cache = cache
+        if self.is_world_process_zero():
+            print(f"hidden cache: {cache.folder} ({cache.rows} rows, {cache.positions} loss positions, "
+                  f"{cache.nbytes / 2**20:.1f} MiB, {str(cache.dtype).removeprefix('torch.')}; written by the "
+                  f"first epoch)", flush=True)
+
+    def use_hidden_cache(self, resuming: bool = False) -> hidden_cache.HiddenCache | hidden_cache.CacheWriter | None:
+        """Open the hidden-state cache that ``hidden_cache`` asks for, or start a new one — written
+        by the first epoch's steps (`hidden_cache_fill`), or built before the first step (one base
+        forward over the training set, with a progress bar) — and make the training batches read
+        it. None when off."""
         cfg = self.args
         if self._hidden_cache is not None or cfg.hidden_cache == "off":
             return self._hidden_cache
@@ -341,10 +382,14 @@ class AutoDecoTrainer(SFTTrainer):
                 cache = hidden_cache.prepare(
                     net, rows, root, max_length=cfg.max_length, dtype=dtype, batch_size=cfg.per_device_train_batch_size,
                     chunk=cfg.loss_chunk_size, pad_token_id=self._pad_token_id(),
-                    progress=not cfg.disable_tqdm and self.is_local_process_zero())
+                    progress=not cfg.disable_tqdm and self.is_local_process_zero(),
+                    fill_later=self._fill_now(resuming, dtype))
             except hidden_cache.CacheUnusable as err:
                 return off(str(err).removeprefix("hidden_cache: "))
-        if self.is_world_process_zero():
+        if isinstance(cache, hidden_cache.CacheWriter):
+            if self.is_world_process_zero():
+                print(f"hidden cache: {cache.folder} is written by the first epoch ({len(rows)} rows)", flush=True)
+        elif self.is_world_process_zero():
             print(f"hidden cache: {cache.folder} ({cache.rows} rows, {cache.positions} loss positions, "
                   f"{cache.nbytes / 2**20:.1f} MiB, {str(cache.dtype).removeprefix('torch.')})", flush=True)
         self._hidden_cache = cache
@@ -357,7 +402,21 @@ class AutoDecoTrainer(SFTTrainer):
         return int(getattr(tokenizer, "pad_token_id", None) or 0)
 
     def train(self, *args, **kwargs):
-        self.use_hidden_cache()
+        resuming = bool(kwargs.get("resume_from_checkpoint") or (args and args[0]))
+        self.use_hidden_cache(resuming)
+        try:
+            return self._train(*args, **kwargs)
+        finally:  # a run that stopped (or ended) before its first epoch did keeps no partial cache
+            writer = self._hidden_cache
+            if isinstance(writer, hidden_cache.CacheWriter):
+                writer.discard()
+                self._hidden_cache = None
+                if self.is_world_process_zero():
+                    done = len(writer.rows) - len(writer.missing)
+                    print(f"hidden cache: not kept ({done} of {len(writer.rows)} rows written when training "
+                          f"stopped, before the first epoch ended)", flush=True)
+
+    def _train(self, *args, **kwargs):
         if not self.is_deepspeed_enabled:
             return super().train(*args, **kwargs)
         # A DeepSpeed engine checkpoint saved without the frozen base can only load non-strictly.
