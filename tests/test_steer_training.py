@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -106,6 +107,31 @@ def test_training_and_heldout_sets_are_disjoint():
     # the paper's Figure 5 sentences (default.yaml) are evaluation wordings, never training ones
     paper = {c.text for c in load_config(DEFAULT).commands if c.text}
     assert paper <= heldout_words and not paper & train_words
+
+
+# Words too common in instructions to make two sentences the same request.
+GENERIC = set("""a an the and or of to in on with as be is are it you your me my i can could would please for that
+this than more most any every each what do not no so up its like from at by has have who how why about write tell
+explain describe give make suggest invent plan answer answers response reply story short new let get keep something
+one things way possible all small someone ways day old year town""".split())
+
+
+def _content(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in GENERIC}
+
+
+def test_no_training_entry_paraphrases_a_heldout_one():
+    """Beyond exact strings: no training prompt or wording shares two content words with a held-out
+    one (of the same direction), e.g. "Let your answer wander somewhere strange." against "Let the
+    answer wander in strange directions.", or a lighthouse keeper's story against his poem."""
+    train, heldout = load_config(TRAIN), load_config(HELDOUT)
+    pairs = [(p, q) for p in train.prompts for q in heldout.prompts]
+    for direction in ("lower", "higher"):
+        pairs += [(w, v) for w in wordings(train.commands, direction) for v in wordings(heldout.commands, direction)]
+    close = [(a, b) for a, b in pairs if len(_content(a) & _content(b)) >= 2]
+    assert not close, close
+    assert len(_content("Let your answer wander somewhere strange.")
+               & _content("Let the answer wander in strange directions.")) == 2  # the rule catches those
 
 
 def test_several_wordings_rotate_over_prompts():
