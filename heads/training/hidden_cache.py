@@ -285,9 +285,14 @@ class CacheWriter:
         total = int(self.offsets[-1])
         vocab, self.hidden_size = net.get_output_embeddings().weight.shape
         self.device = net.get_output_embeddings().weight.device
+        self.tokens = np.array([len(ids) for ids, _ in rows], dtype=np.int32)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-", dir=self.folder.parent))
-        self.stored = np.lib.format.open_memmap(self.tmp / "hidden.npy", mode="w+", dtype=_NUMPY[dtype],
-                                                shape=(total, self.hidden_size))
+        try:
+            self.stored = np.lib.format.open_memmap(self.tmp / "hidden.npy", mode="w+", dtype=_NUMPY[dtype],
+                                                    shape=(total, self.hidden_size))
+        except BaseException:
+            self.discard()
+            raise
         self.targets = np.zeros(total, dtype=np.int32)
         self.easy = np.zeros(total, dtype=bool)
         self.base_prob = np.zeros(total, dtype=np.float32)
@@ -342,12 +347,12 @@ class CacheWriter:
         if not bool(torch.isfinite(values).all()):
             raise CacheUnusable(f"hidden_cache: the base's hidden states exceed {self.dtype}'s range; use "
                                 f"hidden_cache_dtype bfloat16 or float32")
-        stored = values.view(torch.uint16) if self.dtype == torch.bfloat16 else values
-        stored, start = stored.numpy(), 0
+        bits = (values.view(torch.uint16) if self.dtype == torch.bfloat16 else values).numpy()
+        start = 0
         for r in batch:
             lo, hi = offsets[r], offsets[r + 1]
             count = hi - lo
-            self.stored[lo:hi] = stored[start : start + count]
+            self.stored[lo:hi] = bits[start : start + count]
             self.targets[lo:hi] = labels[start : start + count].cpu().numpy()
             self.easy[lo:hi] = row_easy[start : start + count]
             self.base_prob[lo:hi] = row_prob[start : start + count]
@@ -358,12 +363,9 @@ class CacheWriter:
 
     def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
         """Rows already written (`has`), read back as `HiddenCache.batch` reads them."""
-        return self._view().batch(rows)
-
-    def _view(self) -> HiddenCache:
-        tokens = np.array([len(ids) for ids, _ in self.rows], dtype=np.int32)
-        return HiddenCache(folder=self.tmp, dtype=self.dtype, hidden=self.stored, targets=self.targets, easy=self.easy,
-                           base_prob=self.base_prob, offsets=self.offsets, tokens=tokens)
+        written = HiddenCache(folder=self.tmp, dtype=self.dtype, hidden=self.stored, targets=self.targets,
+                              easy=self.easy, base_prob=self.base_prob, offsets=self.offsets, tokens=self.tokens)
+        return written.batch(rows)
 
     def finish(self, *, batch_size: int = 1, progress: bool = True) -> HiddenCache:
         """Compute the missing rows (longest first, ``batch_size`` at a time), write the cache and
@@ -378,9 +380,8 @@ class CacheWriter:
             self.stored.flush()
             del self.stored
             tmp = self.tmp
-            tokens = np.array([len(ids) for ids, _ in self.rows], dtype=np.int32)
             for name, array in (("targets", self.targets), ("easy", self.easy), ("base_prob", self.base_prob),
-                                ("offsets", self.offsets), ("tokens", tokens)):
+                                ("offsets", self.offsets), ("tokens", self.tokens)):
                 np.save(tmp / f"{name}.npy", array)
             files = {name: {"bytes": (tmp / f"{name}.npy").stat().st_size, "crc32": _crc32(tmp / f"{name}.npy")}
                      for name in ARRAYS}
@@ -410,10 +411,7 @@ def build(net, rows: Sequence[tuple[Sequence[int], Sequence[int]]], folder: Path
     (`CacheWriter` with no row computed yet, finished): batches of ``batch_size`` rows of similar
     length, longest first. Returns the opened cache."""
     writer = CacheWriter(net, rows, folder, key, dtype, chunk=chunk, pad_token_id=pad_token_id)
-    try:
-        return writer.finish(batch_size=batch_size, progress=progress)
-    finally:
-        writer.discard()
+    return writer.finish(batch_size=batch_size, progress=progress)  # (finish removes the writer's folder either way)
 
 
 def estimated_bytes(rows, hidden_size: int, dtype: torch.dtype) -> int:

@@ -209,11 +209,9 @@ class CacheCollator:
         if not examples or CACHE_ROW not in examples[0]:
             return self.fallback(examples)
         rows = [example[CACHE_ROW] for example in examples]
-        tokens = self.cache.tokens if isinstance(self.cache, hidden_cache.HiddenCache) else None
         for example, row in zip(examples, rows, strict=True):
-            expected = int(tokens[row]) if tokens is not None else len(self.cache.rows[row][0])
-            if "input_ids" in example and len(example["input_ids"]) != expected:
-                raise RuntimeError(f"hidden cache {self.cache.folder}: row {row} has {expected} tokens, "
+            if "input_ids" in example and len(example["input_ids"]) != int(self.cache.tokens[row]):
+                raise RuntimeError(f"hidden cache {self.cache.folder}: row {row} has {self.cache.tokens[row]} tokens, "
                                    f"the dataset's {len(example['input_ids'])}")
         if isinstance(self.cache, hidden_cache.CacheWriter) and not self.cache.has(rows):
             return {CACHE_ROWS: torch.tensor(rows)}
@@ -342,10 +340,12 @@ class AutoDecoTrainer(SFTTrainer):
         writer = self._hidden_cache
         cache = writer.finish(progress=False)
         self._hidden_cache = self.data_collator.cache = cache
+        self._announce(cache, "; written by the first epoch")
+
+    def _announce(self, cache: hidden_cache.HiddenCache, how: str = "") -> None:
         if self.is_world_process_zero():
             print(f"hidden cache: {cache.folder} ({cache.rows} rows, {cache.positions} loss positions, "
-                  f"{cache.nbytes / 2**20:.1f} MiB, {str(cache.dtype).removeprefix('torch.')}; written by the "
-                  f"first epoch)", flush=True)
+                  f"{cache.nbytes / 2**20:.1f} MiB, {str(cache.dtype).removeprefix('torch.')}{how})", flush=True)
 
     def use_hidden_cache(self, resuming: bool = False) -> hidden_cache.HiddenCache | hidden_cache.CacheWriter | None:
         """Open the hidden-state cache that ``hidden_cache`` asks for, or start a new one — written
@@ -386,12 +386,10 @@ class AutoDecoTrainer(SFTTrainer):
                     fill_later=self._fill_now(resuming, dtype))
             except hidden_cache.CacheUnusable as err:
                 return off(str(err).removeprefix("hidden_cache: "))
-        if isinstance(cache, hidden_cache.CacheWriter):
-            if self.is_world_process_zero():
-                print(f"hidden cache: {cache.folder} is written by the first epoch ({len(rows)} rows)", flush=True)
+        if not isinstance(cache, hidden_cache.CacheWriter):
+            self._announce(cache)
         elif self.is_world_process_zero():
-            print(f"hidden cache: {cache.folder} ({cache.rows} rows, {cache.positions} loss positions, "
-                  f"{cache.nbytes / 2**20:.1f} MiB, {str(cache.dtype).removeprefix('torch.')})", flush=True)
+            print(f"hidden cache: {cache.folder} is written by the first epoch ({len(rows)} rows)", flush=True)
         self._hidden_cache = cache
         self.train_dataset = dataset.add_column(CACHE_ROW, list(range(len(dataset))))
         self.data_collator = CacheCollator(cache, self.data_collator)
