@@ -2,7 +2,8 @@
 honest, cross-validated version of it.
 
 Per task: greedy (T = 0, the paper's T axis starts there) and a temperature grid at top_p = 1, then
-a top-p grid at the best temperature (skipped when greedy wins: it has no P), every grid point
+a top-p grid at the best temperature (skipped when greedy wins: it has no P; the best P is chosen
+among the grid and P = 1, the temperature grid's point, so the oracle is never below it), every grid point
 scored on the test set with the same seeds × samples as an eval — the paper's "practical upper
 bound" for static decoding, which it calls hacking the test set. One backend (one engine load)
 serves the whole sweep; every grid point is a normal ``evaluate`` call, so it reuses the sample
@@ -162,8 +163,10 @@ def sweep(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: li
                                                     tracker_factory=tracker_factory, progress=progress, log=log)
         top_p_grid = [_run_point(backend, task, spec, out, group, best_t, p, tracker_factory, progress, log)
                       for p in top_ps] if best_t > 0 else []  # greedy has no P
-        best = max(top_p_grid or [r for r in temperature_grid if r["temperature"] == best_t],
-                   key=lambda r: r["pass@1"])  # ties: the lowest P
+        at_best_t = next(r for r in temperature_grid if r["temperature"] == best_t)  # P = 1
+        candidates = sorted(top_p_grid + ([at_best_t] if all(r["top_p"] != at_best_t["top_p"] for r in top_p_grid)
+                                          else []), key=lambda r: r["top_p"])
+        best = max(candidates, key=lambda r: r["pass@1"])  # P = 1 is a candidate; ties: the lowest P
         points = temperature_grid + top_p_grid
         oracle = pass1_estimate(best["per_doc"])
         summary = {

@@ -8,6 +8,7 @@ import torch
 
 from harness.backends import BackendError, Request, get_backend
 from harness.backends.dtype import cpu_flags, native_bf16, resolve_dtype, torch_dtype
+from harness.backends.hf import default_attention
 from harness.decoding import get_preset
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\nprocessor\t: 1\n"
@@ -90,11 +91,16 @@ def test_static_cache_equals_dynamic_cache(autodeco_heads):
 def test_cache_and_attention_choices(smollm2_path):
     backend = get_backend("hf", str(smollm2_path), dtype="float32")
     assert backend.static_ok  # Llama: transformers' StaticCache supports it
-    assert backend.cache_implementation() is None  # auto: the dynamic cache (measured faster here)
+    assert backend.cache_implementation() is None  # auto: a growing cache (measured faster here) ...
+    assert backend.cache == "reused" and type(backend.new_cache()).__name__ == "ReusedBuffersCache"  # ... reusing memory
     assert backend.model.config._attn_implementation == "sdpa"
-    bf16 = get_backend("hf", str(smollm2_path), dtype="bfloat16", cache="static")
-    assert bf16.cache_implementation() == "static"
-    assert bf16.model.config._attn_implementation == "eager"  # torch's bf16 SDPA is slow on CPU
+    assert backend.packed_linears == 0  # fp32: aten's own matmul
+    bf16 = get_backend("hf", str(smollm2_path), dtype="bfloat16", cache="static", attention="eager")
+    assert bf16.cache_implementation() == "static" and bf16.new_cache() is None
+    assert bf16.model.config._attn_implementation == "eager"
+    assert default_attention(torch.bfloat16, "cpu", "llama") == "grouped-eager"  # torch's bf16 SDPA is slow on CPU
+    assert default_attention(torch.bfloat16, "cpu", "gemma2") == "eager"  # soft-capped: plain eager
+    assert default_attention(torch.bfloat16, "cuda", "llama") is None and default_attention(torch.float32, "cpu") is None
     with pytest.raises(BackendError, match="unknown attention"):
         get_backend("hf", str(smollm2_path), attention="flash")
 

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from harness.stats import bootstrap_ci, paired_difference, pass1_estimate, proportion_estimate, seed_std, verdicts_by_doc
+from harness.stats import (
+    bootstrap_ci,
+    paired_difference,
+    pass1_estimate,
+    proportion_estimate,
+    seed_std,
+    verdicts_by_doc,
+)
 
 
 def _synthetic(seed: int, n_docs: int, lo: int = 1, hi: int = 12, skill: float = 0.4) -> dict[str, list[bool]]:

@@ -2,21 +2,27 @@
 
 Sampling is done by our own last logits processor, ``RowSampler``: it runs the preset's pipeline
 (``preset.warp``), draws one token per row from that row's own ``torch.Generator`` (seeded by
-``sample_seed(seed, key, sample_index)``) and hands generate a one-hot score row, so generate's
-greedy step picks exactly the drawn token. A sample therefore does not depend on which other
-samples share its batch — a resumed run reproduces an uninterrupted one.
+``sample_seed(seed, key, sample_index)``; inverse CDF, ``hf_kernels.sample_rows``) and hands
+generate a one-hot score row, so generate's greedy step picks exactly the drawn token. A sample
+therefore does not depend on which other samples share its batch — a resumed run reproduces an
+uninterrupted one.
 
 Options (``--backend-arg KEY=VALUE``): ``dtype`` (auto = bf16 on CPUs with native bf16, see
-``harness.backends.dtype``), ``attention`` (auto = eager for bf16 on CPU, else transformers'
-default, sdpa), ``cache`` (auto = dynamic; static = transformers' pre-allocated KV cache where it
-supports the model), ``max_batch_size``, ``device``. Measured on this project's CPU (SmolLM2,
-batch 16, context 256, decode ms per step): bf16 + eager 71-77, bf16 + sdpa ~150 (torch's bf16
-SDPA kernel is slow here), fp32 + sdpa ~145; the static cache was slower than the dynamic one
-in three of the four (it attends over its whole length every step): hence these defaults.
+``harness.backends.dtype``), ``attention`` (auto = ``grouped-eager`` for bf16 on CPU where the
+model type has plain eager attention, else eager for bf16 on CPU, else transformers' default,
+sdpa), ``cache`` (auto = ``reused`` on CPU, ``dynamic`` elsewhere; ``static`` = transformers'
+pre-allocated KV cache where it supports the model), ``linear`` (auto = ``packed`` for bf16 on
+CPU: oneDNN-packed weights), ``max_batch_size``, ``device``. What each CPU choice replaces and
+why is in ``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
+threads, decode ms per step): bf16 + eager 71-107, bf16 + sdpa ~150 (torch's bf16 SDPA kernel is
+slow here), fp32 + sdpa ~145; grouped-eager 60-66, + reused cache 57-59, + packed linears 51;
+the static cache was slower than the dynamic one in three of the four (it attends over its whole
+length every step).
 
 AutoDeco models (``model_type == "autodeco"``: heads-only or merged folders) load through
 ``heads.model.AutoDecoModelForCausalLM``; the preset's ``heads`` switch the heads on, and a forward
-hook records the predicted T and P of every generated token.
+hook records the predicted T and P of every generated token. Only the base model's linear layers
+are packed: the heads stay float32.
 """
 
 from __future__ import annotations
@@ -28,11 +34,20 @@ import torch
 
 from harness.backends.base import Backend, BackendError, Completion, Request, same_base_and_heads, sample_seed
 from harness.backends.dtype import torch_dtype as resolve_torch_dtype
+from harness.backends.hf_kernels import (
+    GROUPED,
+    GROUPED_MODEL_TYPES,
+    ReusedBuffersCache,
+    pack_linears,
+    register_grouped_attention,
+    sample_rows,
+)
 from harness.decoding import DecodingPreset
 from harness.models import is_autodeco, read_config
 
-CACHES = ("auto", "static", "dynamic")  # --backend-arg cache=...
-ATTENTIONS = ("auto", "eager", "sdpa")  # --backend-arg attention=...
+CACHES = ("auto", "static", "dynamic", "reused")  # --backend-arg cache=...
+ATTENTIONS = ("auto", "eager", "sdpa", GROUPED)  # --backend-arg attention=...
+LINEARS = ("auto", "packed", "plain")  # --backend-arg linear=...
 
 
 class RowSampler:
@@ -46,8 +61,7 @@ class RowSampler:
         scores = self.preset.warp(scores.float())
         if not self.preset.do_sample:
             return scores
-        probs = scores.softmax(dim=-1)
-        tokens = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(self.generators)])
+        tokens = sample_rows(scores.softmax(dim=-1), self.generators)
         picked = torch.full_like(scores, float("-inf"))
         picked[torch.arange(len(tokens)), tokens] = 0.0
         return picked
@@ -76,7 +90,7 @@ class HFBackend(Backend):
     name = "hf"
 
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None, max_batch_size: int = 64,
-                 cache: str = "auto", attention: str = "auto", base: str | None = None):
+                 cache: str = "auto", attention: str = "auto", linear: str = "auto", base: str | None = None):
         """``base``: load a heads-only AutoDeco folder on this base instead of its config's
         ``base_model_name_or_path`` (e.g. a published checkpoint whose config names an internal path)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,12 +102,17 @@ class HFBackend(Backend):
             raise BackendError(f"unknown cache {cache!r}; choose from {', '.join(CACHES)}")
         if attention not in ATTENTIONS:
             raise BackendError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTIONS)}")
-        self.cache = cache
+        if linear not in LINEARS:
+            raise BackendError(f"unknown linear {linear!r}; choose from {', '.join(LINEARS)}")
+        self.cache = cache if cache != "auto" else "reused" if self.device.type == "cpu" else "dynamic"
         config = read_config(self.model_path)
         self.is_autodeco = is_autodeco(config)
         torch_dtype = resolve_torch_dtype(dtype, self.device.type)  # auto: bf16 where the CPU has it natively
         if attention == "auto":
-            attention = default_attention(torch_dtype, self.device.type)
+            attention = default_attention(torch_dtype, self.device.type,
+                                          config.get("base_model_type") if self.is_autodeco else config.get("model_type"))
+        if attention == GROUPED:
+            register_grouped_attention()
         load = {"dtype": torch_dtype, **({"attn_implementation": attention} if attention else {})}
         if self.is_autodeco:
             from heads.model import AutoDecoModelForCausalLM
@@ -108,15 +127,21 @@ class HFBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        llm = self.model.llm if self.is_autodeco else self.model
-        self.static_ok = bool(getattr(llm, "_can_compile_fullgraph", False))  # transformers' StaticCache fits it
+        self.llm = self.model.llm if self.is_autodeco else self.model
+        self.static_ok = bool(getattr(self.llm, "_can_compile_fullgraph", False))  # transformers' StaticCache fits it
+        if linear == "auto":
+            linear = "packed" if torch_dtype == torch.bfloat16 and self.device.type == "cpu" else "plain"
+        self.packed_linears = pack_linears(self.llm) if linear == "packed" else 0
 
     def cache_implementation(self) -> str | None:
         """``"static"`` (a KV cache allocated once, written in place) when asked for and transformers
-        supports it for this model, else None (the growing dynamic cache, the auto choice: a static
-        cache saves re-concatenating keys and values but attends over its whole length every step,
-        which measured slower here)."""
+        supports it for this model, else None (a growing cache: ``new_cache``'s)."""
         return "static" if self.cache == "static" and self.static_ok else None
+
+    def new_cache(self):
+        """The KV cache object to hand generate: a ``ReusedBuffersCache`` for ``cache=reused``, else
+        None (generate makes its own: dynamic, or static per ``cache_implementation``)."""
+        return ReusedBuffersCache(self.llm.config) if self.cache == "reused" else None
 
     def load_heads(self, model_path: str) -> bool:
         if not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):
@@ -136,12 +161,7 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def _generate_batch(self, request: Request, indices: list[int]) -> Iterator[Completion]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
         preset = request.preset
-        if self.is_autodeco:
-            heads = preset.heads or (False, False)
-            self.model.set_decoding(temperature=heads[0], top_p=heads[1])
         rows = len(indices) if preset.do_sample else 1  # greedy: one row serves every sample
         ids = self.tokenizer(request.prompt, return_tensors="pt", add_special_tokens=False).input_ids
         ids = ids.to(self.device).expand(rows, -1)
@@ -150,27 +170,8 @@ class HFBackend(Backend):
             g = torch.Generator(device=self.device)
             g.manual_seed(sample_seed(request.seed, request.key, index))
             generators.append(g)
-        config = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=request.max_tokens,
-            cache_implementation=self.cache_implementation(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos_ids,
-            stop_strings=list(request.stop) or None,
-        )
         recorder = TraceRecorder() if self.is_autodeco else None
-        hook = self.model.register_forward_hook(recorder) if recorder else None
-        try:
-            out = self.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                generation_config=config,
-                logits_processor=LogitsProcessorList([RowSampler(preset, generators)]),
-                **({"tokenizer": self.tokenizer} if request.stop else {}),
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
+        out = self.generate_ids(ids, preset, generators, request.max_tokens, request.stop, recorder=recorder)
         generated = out[:, ids.shape[1] :].cpu()
         temps = recorder.rows(recorder.temperatures, rows) if recorder else None
         top_ps = recorder.rows(recorder.top_ps, rows) if recorder else None
@@ -190,6 +191,42 @@ class HFBackend(Backend):
                 token_ids=tokens[:n_tokens],
             )
 
+    @torch.inference_mode()
+    def generate_ids(self, ids: torch.Tensor, preset: DecodingPreset, generators: list[torch.Generator],
+                     max_tokens: int, stop: tuple[str, ...] = (), recorder: TraceRecorder | None = None,
+                     eos: bool = True, past_key_values=None) -> torch.Tensor:
+        """generate on token ids [rows, n] with this backend's cache and sampler (row r drawn with
+        ``generators[r]``); prompt + new tokens. ``eos=False``: exactly ``max_tokens`` new tokens;
+        ``past_key_values``: a cache already holding a prefix of ``ids`` (benchmarks time decode
+        steps from a copy of one prefill)."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        if self.is_autodeco:
+            heads = preset.heads or (False, False)
+            self.model.set_decoding(temperature=heads[0], top_p=heads[1])
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            cache_implementation=self.cache_implementation(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids if eos else None,
+            stop_strings=list(stop) or None,
+        )
+        cache = self.new_cache() if past_key_values is None else past_key_values
+        hook = self.model.register_forward_hook(recorder) if recorder else None
+        try:
+            return self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([RowSampler(preset, generators)]),
+                **({"past_key_values": cache} if cache is not None else {}),
+                **({"tokenizer": self.tokenizer} if stop else {}),
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+
     def _finish(self, tokens: list[int], stop: tuple[str, ...], max_tokens: int) -> tuple[str, int, str]:
         """Cut a generated row at EOS (kept in the count) and at the first stop string."""
         n_tokens, reason = len(tokens), "length"
@@ -205,10 +242,13 @@ class HFBackend(Backend):
         return text, n_tokens, reason
 
 
-def default_attention(dtype: torch.dtype, device_type: str) -> str | None:
-    """``attention=auto``: eager for bf16 on CPU (torch's bf16 SDPA kernel is ~2x slower there), else
+def default_attention(dtype: torch.dtype, device_type: str, model_type: str | None = None) -> str | None:
+    """``attention=auto``: for bf16 on CPU (torch's bf16 SDPA kernel is ~2x slower there) eager, as
+    ``grouped-eager`` (no repeated keys and values) for the model types it computes exactly; else
     None (transformers' default, sdpa)."""
-    return "eager" if device_type == "cpu" and dtype == torch.bfloat16 else None
+    if device_type != "cpu" or dtype != torch.bfloat16:
+        return None
+    return GROUPED if model_type in GROUPED_MODEL_TYPES else "eager"
 
 
 def _load_tokenizer(auto_tokenizer, path: str, config: dict):

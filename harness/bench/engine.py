@@ -199,21 +199,22 @@ def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwid
 
 
 def _hf_decode(backend, prompt: list[int], batch: int):
-    model = backend.model
-    if backend.is_autodeco:
-        model.set_decoding(False, False)  # the base's step: the bound is about the base model
+    """The backend's own generate path (its KV cache, attention, linear kernels and row sampler), base
+    model only."""
+    from harness.decoding import get_preset
+
+    preset = get_preset("default")
     ids = torch.tensor([prompt] * batch, device=backend.device)
 
     def run(n: int) -> float:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
-                           top_k=0, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
-                           cache_implementation=backend.cache_implementation())
-            return time.perf_counter() - start
+        generators = [torch.Generator(device=backend.device).manual_seed(i) for i in range(batch)]
+        start = time.perf_counter()
+        out = backend.generate_ids(ids, preset, generators, n, eos=False)  # default: AutoDeco's heads off
+        seconds = time.perf_counter() - start
+        assert out.shape[1] == ids.shape[1] + n, out.shape
+        return seconds
 
-    base = model.llm if backend.is_autodeco else model
-    return run, model_weight_bytes(base), str(base.dtype).removeprefix("torch."), base.config
+    return run, model_weight_bytes(backend.llm), str(backend.llm.dtype).removeprefix("torch."), backend.llm.config
 
 
 def _vllm_decode(backend, prompt: list[int], batch: int):

@@ -10,8 +10,10 @@ engines unchanged), and, with ``--heads``, also uses a trained checkpoint's own 
 Per engine (hf, vllm) and thread count, one child process generates the same natural-text
 prompts with AutoDeco's heads on and off, repeats interleaved, and reports the median ratio of
 wall times (goal <= 1.01 at every P):
-- hf: the base model's ``generate`` (default sampling, T = 1, P = 1, top_k = 0) against the AutoDeco
-  wrapper's, both from a copy of one prefilled KV cache, so the decode steps are what is timed;
+- hf: the backend's own generate path (its CPU kernels, KV cache and row sampler; ``HFBackend.
+  generate_ids``) with the ``default`` preset (heads off: the base's logits, T = 1, P = 1) against
+  the ``autodeco`` preset, both from a copy of one prefilled KV cache, so the decode steps are what
+  is timed;
 - vllm: one engine on the merged checkpoint, heads switched off (the base's logits, untouched) and
   on through the worker RPC; the prompts are prefix-cached after a warm-up, so the runs are
   decode steps too.
@@ -139,35 +141,32 @@ def _interleaved(repeats: int, default, autodeco) -> dict:
 
 
 def _hf_child(spec: dict) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from harness.backends.dtype import torch_dtype
-    from harness.backends.hf import default_attention
+    from harness.backends.hf import HFBackend
+    from harness.decoding import get_preset
     from heads.checkpoint import head_tensors
-    from heads.model import AutoDecoModelForCausalLM, decode
+    from heads.model import decode
     from heads.nucleus import _cutoff, logit_stats, nucleus_from_stats
 
     torch.set_num_threads(spec["threads"])
-    dtype = torch_dtype(spec["dtype"])
-    attention = default_attention(dtype, "cpu")  # as the hf backend loads it
-    base = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=dtype,
-                                                **({"attn_implementation": attention} if attention else {})).eval()
-    model = AutoDecoModelForCausalLM.from_base(base).eval()
-    tokenizer = AutoTokenizer.from_pretrained(spec["base"])
-    prompts = torch.tensor(natural_rows(tokenizer, spec["batch"], spec["context"]))
+    settings = spec["settings"]
+    backend = HFBackend(settings[0][1], dtype=spec["dtype"], base=spec["base"])  # as `eval` loads it
+    model, llm = backend.model, backend.llm
+    presets = {"default": get_preset("default"), "autodeco": get_preset("autodeco")}
+    prompts = torch.tensor(natural_rows(backend.tokenizer, spec["batch"], spec["context"]))
     mask = torch.ones_like(prompts)
     with torch.inference_mode():  # the shared prefill: all but the last prompt token
-        cache = base(prompts[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+        cache = backend.new_cache()
+        cache = llm(prompts[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                    **({"past_key_values": cache} if cache is not None else {})).past_key_values
 
-    def generate(m, seed: int) -> float:
+    def generate(preset: str, seed: int) -> float:
+        """The backend's generate (its kernels, cache and row sampler) from a copy of the prefilled cache."""
         past = copy.deepcopy(cache)  # outside the timed region
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = m.generate(prompts, attention_mask=mask, past_key_values=past, do_sample=True, temperature=1.0,
-                             top_p=1.0, top_k=0, max_new_tokens=spec["new_tokens"], eos_token_id=None,
-                             pad_token_id=0)
-            seconds = time.perf_counter() - start
+        generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+        start = time.perf_counter()
+        out = backend.generate_ids(prompts, presets[preset], generators, spec["new_tokens"], eos=False,
+                                   past_key_values=past)
+        seconds = time.perf_counter() - start
         assert out.shape[1] == prompts.shape[1] + spec["new_tokens"], out.shape
         return seconds
 
@@ -181,16 +180,17 @@ def _hf_child(spec: dict) -> dict:
         return 1e3 * statistics.median(times)
 
     with torch.inference_mode():
-        one_step = lambda: base(prompts[:, -1:], attention_mask=mask, past_key_values=copy.deepcopy(cache))  # noqa: E731
+        one_step = lambda: llm(prompts[:, -1:], attention_mask=mask, past_key_values=copy.deepcopy(cache),  # noqa: E731
+                               logits_to_keep=1)
         copy_ms = step_ms(lambda: copy.deepcopy(cache), 5)
         base_step = step_ms(one_step, 5) - copy_ms
-    generate(base, 0)
+    generate("default", 0)
     out = {"step_ms": base_step, "settings": {}}
-    for name, folder in spec["settings"]:
+    for name, folder in settings:
         model.load_heads(head_tensors(folder))
-        generate(model, 0)  # warm-up
-        row = _interleaved(spec["repeats"], lambda r: generate(base, spec["seed"] + r),
-                           lambda r: generate(model, spec["seed"] + r))
+        generate("autodeco", 0)  # warm-up
+        row = _interleaved(spec["repeats"], lambda r: generate("default", spec["seed"] + r),
+                           lambda r: generate("autodeco", spec["seed"] + r))
         with torch.inference_mode():  # the nucleus alone, on this setting's real logits of one step
             hidden, base_logits, _ = model.base_forward(prompts[:, -1:], attention_mask=mask,
                                                         past_key_values=copy.deepcopy(cache), logits_to_keep=1)

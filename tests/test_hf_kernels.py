@@ -1,0 +1,156 @@
+"""The transformers backend's CPU kernels (harness.backends.hf_kernels): each computes what the plain
+path computes — grouped attention = eager attention with repeated keys/values, the reused-buffer KV
+cache = DynamicCache, packed linears = F.linear, the inverse-CDF sampler draws by the probabilities
+— and the backend with all of them on gives the plain backend's completions on real SmolLM2."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from harness.backends import BackendError, Request, get_backend
+from harness.backends.hf_kernels import (
+    GROUPED,
+    ReusedBuffersCache,
+    grouped_attention,
+    pack_linears,
+    sample_rows,
+)
+from harness.decoding import get_preset
+
+
+@pytest.mark.parametrize("q_len,groups,mask_heads", [(1, 3, 1), (5, 3, 1), (4, 1, 1), (3, 2, 4)])
+def test_grouped_attention_equals_eager(q_len, groups, mask_heads):
+    torch.manual_seed(0)
+    batch, kv_heads, k_len, dim = 2, 2, 7, 16
+    heads = kv_heads * groups
+    query = torch.randn(batch, q_len, heads, dim).transpose(1, 2)  # as the model hands it: a transposed view
+    key, value = torch.randn(batch, kv_heads, k_len, dim), torch.randn(batch, kv_heads, k_len, dim)
+    mask = torch.zeros(batch, min(mask_heads, heads), q_len, k_len + 2)  # longer than k_len: sliced
+    mask[0, ..., 1] = torch.finfo(torch.float32).min
+    mask = mask.expand(batch, heads, q_len, k_len + 2).contiguous() if mask_heads > 1 else mask
+    module = SimpleNamespace(num_key_value_groups=groups, training=False)
+    want, want_weights = eager_attention_forward(module, query, key, value, mask[..., :k_len], 0.25)
+    got, got_weights = grouped_attention(module, query, key, value, mask, 0.25)
+    assert got.shape == want.shape == (batch, q_len, heads, dim)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_weights, want_weights, rtol=1e-6, atol=1e-6)
+    assert float(got_weights[0, :, :, 1].abs().max()) == 0.0  # the masked key gets no weight
+
+
+def test_grouped_attention_refuses_what_it_does_not_compute():
+    q = torch.randn(1, 2, 1, 4)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        grouped_attention(SimpleNamespace(training=False), q, q, q, None, 1.0, softcap=30.0)
+
+
+def test_reused_buffers_cache_equals_dynamic_cache():
+    """Prefill, single steps past a buffer's growth, a crop and a batch selection: keys and values
+    equal DynamicCache's after every update, contiguous, and never the tensor the update read."""
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32)
+    torch.manual_seed(1)
+    reused = ReusedBuffersCache(config)
+    plain = DynamicCache(config=config)
+    lengths = [5] + [1] * 300 + [3]
+    rows = 3
+    for step, n in enumerate(lengths):
+        for layer in range(2):
+            k, v = torch.randn(rows, 2, n, 8), torch.randn(rows, 2, n, 6)  # values may have another head size
+            before = reused.layers[layer].keys if step else None
+            got_k, got_v = reused.update(k, v, layer)
+            want_k, want_v = plain.update(k, v, layer)
+            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+            assert got_k.is_contiguous() and got_v.is_contiguous()
+            if before is not None:
+                assert got_k.data_ptr() != before.data_ptr()
+        if step == 100:
+            reused.crop(-4), plain.crop(-4)
+        if step == 200:
+            index = torch.tensor([2, 0])
+            reused.batch_select_indices(index), plain.batch_select_indices(index)
+            rows = 2
+    assert reused.get_seq_length() == plain.get_seq_length() == sum(lengths) - 4
+
+
+def test_packed_linears_compute_f_linear():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16, bias=False)).to(torch.bfloat16)
+    x = torch.randn(5, 3, 32, dtype=torch.bfloat16)
+    want = model(x)
+    assert pack_linears(model) == 2
+    assert torch.equal(model(x), want)
+    assert pack_linears(torch.nn.Linear(4, 4)) == 0  # float32 weights stay on the plain path
+
+
+def test_sample_rows_draws_by_the_probabilities():
+    """Frequencies within 5 standard errors of the probabilities, zero-mass tokens (in the middle
+    and at the end) never drawn, unnormalised rows accepted, and each row's draw depends only on
+    its own generator."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    draws = 20000
+    gens = [torch.Generator().manual_seed(i) for i in range(8)]
+    counts = torch.zeros(5)
+    for _ in range(draws // 8):
+        counts += torch.bincount(sample_rows(3.0 * probs.expand(8, -1), gens), minlength=5)
+    assert counts[1] == counts[4] == 0
+    for p, c in zip(probs.tolist(), counts.tolist(), strict=True):
+        assert abs(c / draws - p) <= 5 * math.sqrt(p * (1 - p) / draws) + 1e-12
+    rows = torch.softmax(torch.randn(4, 1000), -1)
+    one = sample_rows(rows, [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)])
+    alone = sample_rows(rows[2:3], [torch.Generator().manual_seed(3)])
+    assert one[2] == alone[0]
+    again = sample_rows(rows, [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)])
+    assert torch.equal(one, again)
+
+
+def test_sample_rows_when_rounding_reaches_the_total():
+    """u * total can round up to the total: the draw is then the last token with mass, never a
+    zero-mass token after it."""
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    real_rand = torch.rand
+    try:
+        torch.rand = lambda *a, **k: torch.tensor([1.0])  # the rounding case, forced
+        assert sample_rows(probs, [gen]).tolist() == [1]
+    finally:
+        torch.rand = real_rand
+
+
+def test_hf_linear_option_is_checked(smollm2_path):
+    with pytest.raises(BackendError, match="unknown linear 'fused'"):
+        get_backend("hf", str(smollm2_path), linear="fused")
+
+
+@pytest.mark.slow
+def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp_path):
+    """bf16 SmolLM2 with AutoDeco heads: grouped attention + reused cache + packed linears against
+    eager + dynamic cache + plain linears: the same greedy and sampled completions (seeded rows),
+    and the same T / P traces to bf16 rounding."""
+    from heads.checkpoint import construct
+
+    heads = construct(str(smollm2_path), tmp_path / "ad", seed=3)
+    fast = get_backend("hf", str(heads), dtype="bfloat16")
+    plain = get_backend("hf", str(heads), dtype="bfloat16", attention="eager", cache="dynamic", linear="plain")
+    assert (fast.model.llm.config._attn_implementation, fast.cache) == (GROUPED, "reused")
+    assert fast.packed_linears == 211 and plain.packed_linears == 0  # SmolLM2: 30 layers x 7 + lm_head
+    assert all(p.dtype == torch.float32 for p in fast.model.temp_head.parameters())
+    tok = fast.tokenizer
+    questions = ["What is 12 + 30?", "Write one sentence about rain.", "Name three colours."]
+    requests = [Request(key=f"t/{i}/{preset}", preset=get_preset(preset), seed=1, n=3, max_tokens=40,
+                        prompt=tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True))
+                for i, q in enumerate(questions) for preset in ("greedy", "default", "autodeco")]
+    got = {name: sorted(b.generate(requests), key=lambda c: (c.key, c.sample_index))
+           for name, b in (("fast", fast), ("plain", plain))}
+    assert len(got["fast"]) == 27
+    for a, b in zip(got["fast"], got["plain"], strict=True):
+        assert (a.key, a.token_ids, a.finish_reason) == (b.key, b.token_ids, b.finish_reason)
+        if a.temperatures is not None:
+            assert a.temperatures == pytest.approx(b.temperatures, abs=2e-2)
+            assert a.top_ps == pytest.approx(b.top_ps, abs=2e-2)
