@@ -88,6 +88,33 @@ def test_packed_linears_compute_f_linear():
     assert pack_linears(torch.nn.Linear(4, 4)) == 0  # float32 weights stay on the plain path
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_model_gives_the_plain_models_logits(family):
+    """A small random Llama (no biases) / Qwen2 (q, k, v biases) in bf16: fused q/k/v, fused gate/up and
+    packed linears give the plain model's logits exactly, over a prefill and cached steps."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(4)
+    kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    config = kind(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    plain = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    fast = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert pack_linears(fast) == 2 * 7 + 1
+    assert (fast.model.layers[0].self_attn.q_proj.bias is not None) == (family == "qwen2")
+    ids = torch.randint(0, 300, (3, 9))
+    with torch.inference_mode():
+        want = plain.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+        got = fast.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)  # k_proj on an input q_proj never saw: its own matmul
+    attention, reference = fast.model.layers[1].self_attn, plain.model.layers[1].self_attn
+    assert torch.equal(attention.k_proj(x), reference.k_proj(x))
+
+
 def test_sample_rows_draws_by_the_probabilities():
     """Frequencies within 5 standard errors of the probabilities, zero-mass tokens (in the middle
     and at the end) never drawn, unnormalised rows accepted, and each row's draw depends only on
@@ -101,6 +128,15 @@ def test_sample_rows_draws_by_the_probabilities():
     assert counts[1] == counts[4] == 0
     for p, c in zip(probs.tolist(), counts.tolist(), strict=True):
         assert abs(c / draws - p) <= 5 * math.sqrt(p * (1 - p) / draws) + 1e-12
+    wide = torch.zeros(200)  # 200 tokens in blocks of 64 (the last one padded); the second block empty
+    wide[[0, 130, 199]] = torch.tensor([0.2, 0.5, 0.3])
+    counts = torch.zeros(200)
+    for _ in range(draws // 8):
+        counts += torch.bincount(sample_rows(wide.expand(8, -1), gens), minlength=200)
+    assert set(counts.nonzero().squeeze(-1).tolist()) == {0, 130, 199}
+    for i in (0, 130, 199):
+        p = float(wide[i])
+        assert abs(counts[i] / draws - p) <= 5 * math.sqrt(p * (1 - p) / draws)
     rows = torch.softmax(torch.randn(4, 1000), -1)
     one = sample_rows(rows, [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)])
     alone = sample_rows(rows[2:3], [torch.Generator().manual_seed(3)])
