@@ -190,3 +190,36 @@ def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp
         if a.temperatures is not None:
             assert a.temperatures == pytest.approx(b.temperatures, abs=2e-2)
             assert a.top_ps == pytest.approx(b.top_ps, abs=2e-2)
+
+
+@pytest.mark.slow
+def test_bench_nucleus_times_the_backends_own_path(tmp_path):
+    """`bench nucleus` at a tiny size: the hf child runs the backend (kernels, cache, row sampler) with
+    the default and autodeco presets from one prefill, and reports the ratio, the nucleus alone and
+    the default decode step it was measured against."""
+    import json
+
+    from harness.cli import main
+
+    assert main(["bench", "nucleus", "--backends", "hf", "--threads", "1", "--top-ps", "0.9", "--repeats", "1",
+                 "--new-tokens", "3", "--context", "24", "--batch-size", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_nucleus.json").read_text())
+    column = result["results"]["hf@1"]
+    row = column["settings"]["P=0.9"]
+    assert row["ratio"] > 0 and len(row["default_seconds"]) == len(row["autodeco_seconds"]) == 1
+    assert column["step_ms"] == pytest.approx(1e3 * row["default_seconds"][0] / 3)
+    assert row["top_p_mean"] == pytest.approx(0.9, abs=1e-4) and 0 <= row["slow_rows"] <= 2
+
+
+@pytest.mark.slow
+def test_decode_against_the_bound_runs_the_backends_generate(smollm2_path):
+    """bench backends' fixed-shape decode on hf: exactly the asked tokens through the backend's own
+    generate (no EOS), a bound from the measured bandwidth, and the fraction between them."""
+    from harness.bench.engine import decode_vs_bound
+
+    backend = get_backend("hf", str(smollm2_path))
+    prompt = backend.tokenizer("The rain in Spain", add_special_tokens=False).input_ids
+    got = decode_vs_bound(backend, prompt, batch=2, tokens=4, bandwidth=20e9)
+    assert got["dtype"] == str(backend.llm.dtype).removeprefix("torch.") and got["new_tokens"] == 4 and got["seconds_all_tokens"] > got["seconds_one_token"]
+    assert got["bound_tokens_per_second"] == pytest.approx(2 * 20e9 / got["bytes_per_step"])
+    assert got["fraction_of_bound"] == pytest.approx(got["tokens_per_second"] / got["bound_tokens_per_second"])
