@@ -16,8 +16,10 @@ CPU: oneDNN-packed weights), ``max_batch_size``, ``device``. What each CPU choic
 why is in ``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
 threads, decode ms per step): bf16 + eager 71-107, bf16 + sdpa ~150 (torch's bf16 SDPA kernel is
 slow here), fp32 + sdpa ~145; grouped-eager 60-66, + reused cache 57-59, + packed linears 51;
-the static cache was slower than the dynamic one in three of the four (it attends over its whole
-length every step).
+with fused q/k/v and gate/up and the inverse-CDF sampler ~42 (``bench backends``: 377-383
+tok/s). With eager attention the static cache was slower than the dynamic one (it attends over
+its whole length every step); with grouped-eager it measured level with ``reused`` (347 / 364 vs
+361 / 389 tok/s), which also grows only as far as the longest row.
 
 AutoDeco models (``model_type == "autodeco"``: heads-only or merged folders) load through
 ``heads.model.AutoDecoModelForCausalLM``; the preset's ``heads`` switch the heads on, and a forward
