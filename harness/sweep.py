@@ -163,10 +163,9 @@ def sweep(backend, tasks: list, spec: RunSpec, out: str | Path, temperatures: li
                                                     tracker_factory=tracker_factory, progress=progress, log=log)
         top_p_grid = [_run_point(backend, task, spec, out, group, best_t, p, tracker_factory, progress, log)
                       for p in top_ps] if best_t > 0 else []  # greedy has no P
-        at_best_t = next(r for r in temperature_grid if r["temperature"] == best_t)  # P = 1
-        candidates = sorted(top_p_grid + ([at_best_t] if all(r["top_p"] != at_best_t["top_p"] for r in top_p_grid)
-                                          else []), key=lambda r: r["top_p"])
-        best = max(candidates, key=lambda r: r["pass@1"])  # P = 1 is a candidate; ties: the lowest P
+        at_best_t = next(r for r in temperature_grid if r["temperature"] == best_t)  # its P = 1 point
+        candidates = sorted(top_p_grid + [at_best_t], key=lambda r: r["top_p"])  # (a grid's own P = 1 is the same point)
+        best = max(candidates, key=lambda r: r["pass@1"])  # ties: the lowest P
         points = temperature_grid + top_p_grid
         oracle = pass1_estimate(best["per_doc"])
         summary = {

@@ -9,6 +9,7 @@ import torch
 from harness.backends import BackendError, Request, get_backend
 from harness.backends.dtype import cpu_flags, native_bf16, resolve_dtype, torch_dtype
 from harness.backends.hf import default_attention
+from harness.backends.hf_kernels import ReusedBuffersCache
 from harness.decoding import get_preset
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\nprocessor\t: 1\n"
@@ -92,7 +93,7 @@ def test_cache_and_attention_choices(smollm2_path):
     backend = get_backend("hf", str(smollm2_path), dtype="float32")
     assert backend.static_ok  # Llama: transformers' StaticCache supports it
     assert backend.cache_implementation() is None  # auto: a growing cache (measured faster here) ...
-    assert backend.cache == "reused" and type(backend.new_cache()).__name__ == "ReusedBuffersCache"  # ... reusing memory
+    assert backend.cache == "reused" and isinstance(backend.new_cache(), ReusedBuffersCache)  # ... reusing memory
     assert backend.model.config._attn_implementation == "sdpa"
     assert backend.packed_linears == 0  # fp32: aten's own matmul
     bf16 = get_backend("hf", str(smollm2_path), dtype="bfloat16", cache="static", attention="eager")

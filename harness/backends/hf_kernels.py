@@ -102,10 +102,11 @@ class ReusedBuffersLayer(DynamicLayer):
         for slot, (past, new) in enumerate(((self.keys, key_states), (self.values, value_states))):
             length = (past.shape[-2] if past.numel() else 0) + new.shape[-2]
             shape = (*new.shape[:-2], length, new.shape[-1])
-            numel = new[..., :1, :].numel() * length
+            per_token = new[..., :1, :].numel()
+            numel = per_token * length
             buffer = buffers[slot]
             if buffer is None or buffer.numel() < numel:
-                buffer = buffers[slot] = new.new_empty(new[..., :1, :].numel() * (length + GROW_TOKENS))
+                buffer = buffers[slot] = new.new_empty(per_token * (length + GROW_TOKENS))
             out = buffer[:numel].view(shape)
             if past.numel():
                 torch.cat([past, new], dim=-2, out=out)

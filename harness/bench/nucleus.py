@@ -156,9 +156,8 @@ def _hf_child(spec: dict) -> dict:
     prompts = torch.tensor(natural_rows(backend.tokenizer, spec["batch"], spec["context"]))
     mask = torch.ones_like(prompts)
     with torch.inference_mode():  # the shared prefill: all but the last prompt token
-        cache = backend.new_cache()
         cache = llm(prompts[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
-                    **({"past_key_values": cache} if cache is not None else {})).past_key_values
+                    past_key_values=backend.new_cache()).past_key_values  # None: the model's own
 
     def generate(preset: str, seed: int) -> float:
         """The backend's generate (its kernels, cache and row sampler) from a copy of the prefilled cache."""
@@ -199,9 +198,9 @@ def _hf_child(spec: dict) -> dict:
             row.update(nucleus_ms=step_ms(lambda z=z, s=stats, p=p: nucleus_from_stats(z.clone(), s, p, inplace=True)),
                        slow_rows=int((~resolved).sum()), top_p_mean=float(p.mean()))
         out["settings"][name] = row
-        defaults = [seconds for r in out["settings"].values() for seconds in r["default_seconds"]]
-        out["step_ms"] = 1e3 * statistics.median(defaults) / spec["new_tokens"]  # a default decode step, as timed
         print(f"  hf {name}: ratio {row['ratio']:.4f}", file=sys.stderr, flush=True)
+    defaults = [seconds for row in out["settings"].values() for seconds in row["default_seconds"]]
+    out["step_ms"] = 1e3 * statistics.median(defaults) / spec["new_tokens"]  # a default decode step, as timed
     return out
 
 
