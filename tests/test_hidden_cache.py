@@ -37,6 +37,12 @@ TEXTS = (
 )
 
 
+# The two paths reach the same per-token terms through different kernels and reduce them in float32
+# in different orders: measured 2.1e-5 relative on an AVX2-only CPU (AMD EPYC, Zen 3; the code before
+# the native nucleus passes gives the same there), under 1e-5 on the AVX-512 machine.
+LOSS_RTOL = 5e-5
+
+
 @pytest.fixture(scope="module")
 def model(smollm2_path):
     """SmolLM2 (float32) with fresh heads, seeded."""
@@ -125,9 +131,9 @@ def test_loss_from_hidden_states_equals_the_loss_from_logits(model, rows, kernel
     assert (cached.n_tokens, cached.n_easy, cached.n_dropped, cached.n_kept) == (
         reference.n_tokens, reference.n_easy, reference.n_dropped, reference.n_kept)
     assert 0 < reference.n_dropped < reference.n_easy  # the draws matter here
-    torch.testing.assert_close(cached.loss, reference.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached.temp_loss, reference.temp_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached.top_p_loss, reference.top_p_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.loss, reference.loss, rtol=LOSS_RTOL, atol=1e-6)
+    torch.testing.assert_close(cached.temp_loss, reference.temp_loss, rtol=LOSS_RTOL, atol=1e-6)
+    torch.testing.assert_close(cached.top_p_loss, reference.top_p_loss, rtol=LOSS_RTOL, atol=1e-6)
     assert grads.keys() == reference_grads.keys() and len(grads) == 8
     for name, grad in grads.items():
         scale = reference_grads[name].norm()
@@ -158,7 +164,7 @@ def test_loss_from_hidden_states_equals_the_loss_from_logits_in_the_other_setups
         model.load_heads(saved)
     if case == "tiny-temperature":
         assert temperature.max() < 1e-2
-    torch.testing.assert_close(cached.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.loss, reference.loss, rtol=LOSS_RTOL, atol=1e-6)
     assert grads.keys() == reference_grads.keys()
     for name, grad in grads.items():
         assert (grad - reference_grads[name]).norm() <= 1e-4 * reference_grads[name].norm() + 1e-9, name

@@ -130,13 +130,32 @@ class ReusedBuffersCache(DynamicCache):
         self.layers = [ReusedBuffersLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
 
 
+_PACKED_BF16: list[bool] = []  # the probe's answer, once per process
+
+
+def packed_bf16_supported() -> bool:
+    """Whether this CPU runs oneDNN's packed bf16 linear: it needs avx512bw/vl/dq or avx_ne_convert
+    (AVX2-only CPUs such as AMD Zen 3 lack both and raise). Probed once on a 16 x 16 weight."""
+    if not _PACKED_BF16:
+        ok = torch.backends.mkldnn.is_available()
+        if ok:
+            try:
+                weight = torch.ones(16, 16, dtype=torch.bfloat16)
+                torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), _packed(weight), None,
+                                                   "none", [None], "")
+            except RuntimeError:
+                ok = False
+        _PACKED_BF16.append(ok)
+    return _PACKED_BF16[0]
+
+
 def pack_linears(model: nn.Module) -> int:
     """Serve every bf16 ``nn.Linear`` of ``model`` on CPU from oneDNN-packed weights: an attention's
     q / k / v projections (``q_proj``, ``k_proj``, ``v_proj``) as one matmul, a gated MLP's gate and
     up projections (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``: Llama's shape) as
     another, every other linear on its own packed weight. Returns how many linears are served so
-    (0 where torch lacks oneDNN)."""
-    if not torch.backends.mkldnn.is_available():
+    (0 where torch lacks oneDNN or this CPU lacks its packed bf16 path)."""
+    if not packed_bf16_supported():
         return 0
     served: set[int] = set()
     for module in model.modules():
