@@ -171,7 +171,7 @@ def block_features(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Ten
         t = temperature[start : start + rows].float().clamp_min(1e-6).unsqueeze(-1)
         block = logits[start : start + rows].float()
         z = torch.div(block, t, out=_workspace(block, "scaled"))  # a reused buffer; the logits stay intact
-        out.append(features_from_stats(logit_stats(z, moments=True)))
+        out.append(features_from_stats(logit_stats(z, moments=True, fast=False)))  # the loss kernels' arithmetic
     return torch.cat(out) if out else logits.new_zeros((0, 4), dtype=torch.float32)
 
 
@@ -198,7 +198,7 @@ def predict(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, b
     enhanced = top_p_head.use_enhanced_features
     if need_stats:  # decoding: z and its statistics are reused by ÷T and the nucleus
         with torch.no_grad():
-            z = base_logits.reshape(-1, vocab).float() / seen.float().clamp_min(1e-6).unsqueeze(-1)
+            z = torch.div(base_logits.reshape(-1, vocab), seen.float().clamp_min(1e-6).unsqueeze(-1))  # float32: one pass
             stats = logit_stats(z, moments=enhanced)
             features = features_from_stats(stats) if enhanced else None
     elif enhanced:  # training / tracing: only the features, a bounded block of rows at a time
@@ -216,7 +216,7 @@ def dynamic_logits(base_logits, temperature, top_p, z=None, stats=None, *, use_t
         return base_logits
     shape, vocab = base_logits.shape, base_logits.shape[-1]
     if use_temperature and z is None:
-        z = base_logits.reshape(-1, vocab).float() / temperature.reshape(-1, 1).float().clamp_min(1e-6)
+        z = torch.div(base_logits.reshape(-1, vocab), temperature.reshape(-1, 1).float().clamp_min(1e-6))
     if not use_temperature:
         z = base_logits.reshape(-1, vocab).float()
         stats = None

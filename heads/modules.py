@@ -24,7 +24,7 @@ def features_from_stats(stats: LogitStats) -> torch.Tensor:
     vocab = stats.vocab_size
     max_prob = torch.exp(stats.top_values[:, 0] - stats.lse)
     top5 = torch.exp(stats.top_values[:, :5] - stats.lse[:, None]).sum(-1)
-    entropy = stats.lse - stats.mean_z  # -sum p log p = lse - E_p[z]
+    entropy = stats.entropy
     # torch.var's unbiased estimator over the vocabulary: (sum p^2 - (sum p)^2 / V) / (V - 1).
     variance = (stats.sum_p2 - 1.0 / vocab) / max(vocab - 1, 1)
     return torch.stack([max_prob, entropy, variance, top5], dim=-1)

@@ -8,7 +8,8 @@ P <= 0 keeps the top token (and its ties); P >= 1 keeps everything.
 Why it is fast: the order of probabilities is the order of logits, and the mass of any token
 is exp(z_i - lse) once the full-vocabulary logsumexp is known. So the nucleus only needs
 (1) one exp pass over the vocabulary for lse (shared with the top-p head's features) and
-(2) the largest logits up to the crossing point. Those come from a block-max pre-selection: the
+(2) the largest logits up to the crossing point. The lse of logit_stats is part of the contract:
+every mass is float32 exp(z - lse) with that lse (the tests' reference takes it from there). Those come from a block-max pre-selection: the
 k largest values of a row lie in the k blocks with the largest maxima, so a cheap max over blocks
 of 64 plus two tiny top-k's replaces a vocabulary-wide top-k (slow on CPU) or sort (very slow).
 
@@ -23,15 +24,31 @@ sorted (a few hundred to a few thousand instead of the vocabulary), with the ref
 arithmetic on them. A row whose band misses the crossing (the margin did not cover rounding) is
 sorted whole, so the result is always exact.
 
+Native passes (CPU): heads/nucleus_native.cpp, compiled on first use by the system C++ compiler
+into ~/.cache/autodeco/kernels (per source, compiler and CPU) and loaded with ctypes, does the
+vocabulary-wide work in as few reads of each row as possible: the row statistics (block maxima,
+top candidates and the three exp sums in one call), the slow path's histogram and candidate
+collection, and the final masking. The exact part stays as above: masses by torch.exp, float64
+sums, a whole-row sort where a check fails. Where no compiler is found (or in a remote-code copy,
+which lacks the .cpp), the same steps run in torch and numpy; the tests run both.
+
 Self-contained (torch; numpy's faster sort where it is installed): copied next to saved
 checkpoints for trust_remote_code loading.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
 import struct
+import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,6 +69,88 @@ MARGIN = 1e-4  # the chosen rungs' mass (float32 sums) must exceed P by this muc
 TAIL_SHARE, MIN_MARGIN = 0.1, 1e-6  # ... or by a tenth of 1 - P (not below 1e-6) where that is less
 
 
+NATIVE_SOURCE = Path(__file__).with_name("nucleus_native.cpp")  # absent in remote-code copies: numpy then
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's model and flags (a shared cache may span machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def _build_native(source: Path) -> Path | None:
+    """Compile ``source`` once per (source, compiler, CPU) into the user's cache; None on failure."""
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        return None
+    key = hashlib.sha256(source.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autodeco" / "kernels"
+    target = cache / f"nucleus-{key}.so"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build beside the target, then rename: atomic
+        built = Path(tmp) / target.name
+        for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
+            command = [compiler, "-O3", *arch, "-fopenmp-simd", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-pthread", str(source), "-o", str(built)]
+            if subprocess.run(command, capture_output=True).returncode == 0:
+                os.replace(built, target)
+                return target
+    return None
+
+
+def _load_native():
+    """The compiled passes (ctypes.CDLL with typed signatures) or None: no compiler, no source."""
+    if not NATIVE_SOURCE.is_file():
+        return None
+    try:
+        path = _build_native(NATIVE_SOURCE)
+        lib = ctypes.CDLL(str(path)) if path is not None else None
+    except OSError:
+        return None
+    if lib is None:
+        return None
+    ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
+    lib.nucleus_candidates.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i32, i32, f64, f64, f64,
+                                       ptr, ptr, ptr, ptr, i32]
+    lib.nucleus_candidates.restype = i64
+    lib.nucleus_exact.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+    lib.nucleus_exact.restype = None
+    lib.mask_below.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.mask_below.restype = None
+    lib.row_stats.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.row_stats.restype = None
+    return lib
+
+
+_native_lock = threading.Lock()
+_native_state: list = []  # [lib or None] once loaded
+
+
+def _native_ok(z: torch.Tensor) -> bool:
+    """The native passes take contiguous float32 CPU rows."""
+    return z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 2 and z.stride(1) == 1
+
+
+def _threads() -> int:
+    """Threads for a native call: torch's intra-op count, but no more than the cores this thread
+    may run on (an engine that pins its main thread to one core would stack them there)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), cores))
+
+
+def native():
+    """The native passes, compiled and loaded on first use (None where that is impossible)."""
+    if not _native_state:
+        with _native_lock:
+            if not _native_state:
+                _native_state.append(_load_native())
+    return _native_state[0]
+
+
 @dataclass
 class LogitStats:
     """Row statistics of z [N, V] (float32): everything the features and the nucleus need."""
@@ -59,7 +158,7 @@ class LogitStats:
     top_values: torch.Tensor  # [N, k] sorted descending
     top_indices: torch.Tensor  # [N, k]
     lse: torch.Tensor  # [N] logsumexp(z)
-    mean_z: torch.Tensor | None  # [N] E_p[z]
+    entropy: torch.Tensor | None  # [N] -sum p log p = log(sum e) + E_p[max - z]: no cancellation
     sum_p2: torch.Tensor | None  # [N] sum of p^2
     vocab_size: int
 
@@ -82,39 +181,64 @@ def top_candidates(z: torch.Tensor, k: int, block: int = BLOCK) -> tuple[torch.T
 _local = threading.local()
 
 
-def _workspace(like: torch.Tensor, slot: str = "exp") -> torch.Tensor:
-    """A per-thread scratch tensor shaped like ``like``, reused across calls (one per ``slot``).
+def _workspace(like: torch.Tensor | tuple[int, torch.dtype], slot: str = "exp") -> torch.Tensor:
+    """A per-thread scratch tensor shaped like ``like`` (or a flat CPU one of (numel, dtype)),
+    reused across calls (one per ``slot``).
 
     Allocating (and freeing) a fresh vocabulary-sized temporary every decode step costs page
     faults that, on CPU, rival the arithmetic itself. A buffer made under ``torch.inference_mode``
     is an inference tensor that may not be written outside it, so each mode keeps its own.
     """
-    key = (slot, like.device, like.dtype, torch.is_inference_mode_enabled())
+    if isinstance(like, tuple):
+        shape, dtype, device = (like[0],), like[1], torch.device("cpu")
+    else:
+        shape, dtype, device = like.shape, like.dtype, like.device
+    numel = shape[0] if isinstance(like, tuple) else like.numel()
+    key = (slot, device, dtype, torch.is_inference_mode_enabled())
     cache = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}
     buf = cache.get(key)
-    if buf is None or buf.numel() < like.numel():
-        buf = cache[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    return buf[: like.numel()].view(like.shape)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
 
 
-def logit_stats(z: torch.Tensor, k: int = DEFAULT_K, moments: bool = True) -> LogitStats:
-    """Top-k candidates, logsumexp and (optionally) E_p[z] and sum p^2 of each row of z [N, V].
+def logit_stats(z: torch.Tensor, k: int = DEFAULT_K, moments: bool = True, fast: bool = True) -> LogitStats:
+    """Top-k candidates, logsumexp and (optionally) the entropy and sum p^2 of each row of z [N, V].
 
-    One exp pass over the vocabulary, in a reused scratch buffer; ``moments`` adds reductions
-    over it (for the top-p head's features).
+    One exp pass over the vocabulary: with ``fast`` on CPU natively (block maxima, then one read of
+    each row for all three sums), else in a reused scratch buffer with torch (``moments`` then adds
+    reductions over it). The two agree to float32 rounding, not bit for bit; training keeps torch's
+    (``fast=False``), whose features the loss kernels reproduce. Either way the nucleus uses this
+    lse for every mass (its contract).
     """
-    values, indices = top_candidates(z, max(k, 5))
+    k = min(max(k, 5), z.shape[-1])
+    lib = native() if fast and _native_ok(z) and not z.requires_grad else None
+    if lib is not None:
+        n = z.shape[0]
+        values, indices = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
+        sums = torch.empty(3, n, dtype=torch.float64)
+        lib.row_stats(z.data_ptr(), n, z.stride(0), z.shape[1], k, values.data_ptr(), indices.data_ptr(),
+                      sums[0].data_ptr(), sums[1].data_ptr(), sums[2].data_ptr(), _threads())
+        total, sum_ed, sum_e2 = sums
+        lse = (values[:, 0].double() + torch.log(total)).float()
+        if not moments:
+            return LogitStats(values, indices, lse, None, None, z.shape[-1])
+        entropy = (torch.log(total) + sum_ed / total).float()
+        return LogitStats(values, indices, lse, entropy, (sum_e2 / total.square()).float(), z.shape[-1])
+    values, indices = top_candidates(z, k)
     row_max = values[:, :1]
     e = torch.sub(z, row_max, out=_workspace(z)).exp_()  # unnormalised probabilities, max term = 1
-    total = e.sum(-1)
-    lse = row_max.squeeze(-1) + torch.log(total)
-    mean_z = sum_p2 = None
+    total = e.sum(-1, dtype=torch.float64)
+    lse = (row_max.squeeze(-1).double() + torch.log(total)).float()
+    entropy = sum_p2 = None
     if moments:
-        sum_p2 = torch.linalg.vector_norm(e, dim=-1).square() / total.square()
-        mean_z = e.mul_(z).sum(-1) / total
-    return LogitStats(values, indices, lse, mean_z, sum_p2, z.shape[-1])
+        sum_p2 = (torch.linalg.vector_norm(e, dim=-1).double().square() / total.square()).float()
+        depth = torch.sub(row_max, z, out=_workspace(z, "depth"))  # max - z >= 0: E_p[depth] has no cancellation
+        sum_ed = depth.mul_(e).nan_to_num_(nan=0.0).sum(-1, dtype=torch.float64)  # 0 * inf (a masked token) adds 0
+        entropy = (torch.log(total) + sum_ed / total).float()
+    return LogitStats(values, indices, lse, entropy, sum_p2, z.shape[-1])
 
 
 def _cutoff(values: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,8 +320,9 @@ def _slow_thresholds_cpu(z: torch.Tensor, row_max: torch.Tensor, lse: torch.Tens
     zn = z.numpy()
     shifted = np.subtract((row_max.numpy() + 1.0)[:, None], zn)  # 1 + depth, monotone in z
     np.clip(shifted, 1.0, 1.0 + MAX_DEPTH, out=shifted)  # (the rounding of max + 1 may dip below 1)
-    keys = shifted.view(np.int32) >> KEY_SHIFT
-    keys += (np.arange(n, dtype=np.int32) * N_KEYS - KEY_FIRST)[:, None]  # row r's rungs: r * N_KEYS + rung
+    keys = (shifted.view(np.int32) >> KEY_SHIFT) - KEY_FIRST
+    np.clip(keys, 0, N_KEYS - 1, out=keys)  # (a NaN would fall outside the rungs)
+    keys += (np.arange(n, dtype=np.int32) * N_KEYS)[:, None]  # row r's rungs: r * N_KEYS + rung
     guide = np.exp(np.subtract(1.0, shifted, out=shifted), out=shifted)  # exp(-depth)
     hist = torch.bincount(torch.from_numpy(keys).view(-1), weights=torch.from_numpy(guide).view(-1),
                           minlength=n * N_KEYS).numpy().reshape(n, N_KEYS)
@@ -229,11 +354,53 @@ def _slow_thresholds_cpu(z: torch.Tensor, row_max: torch.Tensor, lse: torch.Tens
     return threshold
 
 
-def _slow_thresholds(z: torch.Tensor, row_max: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Exact thresholds for rows z [n, V] (float32) that the top candidates could not settle."""
-    if np is not None and z.device.type == "cpu":
-        return _slow_thresholds_cpu(z, row_max, lse, top_p)
-    return _full_sort_thresholds(z, lse, top_p)
+def _slow_thresholds_native(lib, z: torch.Tensor, rows: torch.Tensor, row_max: torch.Tensor, lse: torch.Tensor,
+                            top_p: torch.Tensor) -> torch.Tensor:
+    """The steps of _slow_thresholds_cpu for rows ``rows`` of z [N, V] (no copy of them), natively:
+    one pass for the rung histogram (an approximate exp suffices: it only guides the band), one to
+    collect the candidates (rungs up to the band's last), then torch.exp for their exact masses and
+    the band's sort and cumulative. Rows whose checks fail are sorted whole, as there."""
+    m, vocab = rows.numel(), z.shape[1]
+    size = m * vocab
+    in_band = _workspace((size, torch.uint8), "band")
+    values, diffs = _workspace((size, torch.float32), "values"), _workspace((size, torch.float32), "diffs")
+    counts = torch.empty(m, dtype=torch.int64)
+    row_max, lse = row_max.contiguous(), lse.contiguous()
+    p64 = top_p.double()
+    total = lib.nucleus_candidates(
+        z.data_ptr(), z.stride(0), vocab, rows.data_ptr(), m, row_max.data_ptr(), lse.data_ptr(), p64.data_ptr(),
+        KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, values.data_ptr(), diffs.data_ptr(),
+        in_band.data_ptr(), counts.data_ptr(), _threads())
+    masses = torch.exp(diffs[:total])  # the reference's float32 masses, by torch's own exp
+    threshold, ok = torch.empty(m), torch.empty(m, dtype=torch.uint8)
+    lib.nucleus_exact(values.data_ptr(), masses.data_ptr(), in_band.data_ptr(), counts.data_ptr(), m,
+                      top_p.contiguous().data_ptr(), threshold.data_ptr(), ok.data_ptr())
+    if not bool(ok.all()):
+        redo = (ok == 0).nonzero().squeeze(-1)
+        threshold[redo] = _full_sort_thresholds(z[rows[redo]], lse[redo], top_p[redo])
+    return threshold
+
+
+def _slow_thresholds(z: torch.Tensor, rows: torch.Tensor, row_max: torch.Tensor, lse: torch.Tensor,
+                     top_p: torch.Tensor) -> torch.Tensor:
+    """Exact thresholds for rows ``rows`` of z [N, V] (float32) that the top candidates could not settle."""
+    if z.device.type == "cpu":
+        lib = native()
+        if lib is not None and _native_ok(z):
+            return _slow_thresholds_native(lib, z, rows, row_max, lse, top_p)
+        if np is not None:
+            return _slow_thresholds_cpu(z[rows], row_max, lse, top_p)
+    return _full_sort_thresholds(z[rows], lse, top_p)
+
+
+def _mask_below(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """z = where(z >= threshold, z, -inf) per row, in place (threshold -inf: the row is kept whole)."""
+    lib = native() if _native_ok(z) else None
+    if lib is not None:
+        threshold = threshold.contiguous()
+        lib.mask_below(z.data_ptr(), z.shape[0], z.stride(0), z.shape[1], threshold.data_ptr())
+        return z
+    return z.masked_fill_(z < threshold.unsqueeze(-1), float("-inf"))
 
 
 def nucleus_from_stats(
@@ -241,25 +408,18 @@ def nucleus_from_stats(
 ) -> torch.Tensor:
     """z [N, V] float32 -> tensor with -inf outside each row's nucleus (top_p [N]).
 
-    ``inplace=True`` writes the result into z (saves a vocabulary-sized allocation per step).
+    Every row gets a threshold (from its top candidates, from the slow path, or -inf to keep it
+    whole); one masking pass then applies them. ``inplace=True`` writes the result into z (saves
+    a vocabulary-sized allocation per step).
     """
     top_p = top_p.to(z.dtype).clamp(min=0.0)
     keep_all = top_p >= 1.0
     threshold, resolved = _cutoff(stats.top_values, stats.lse, top_p)
+    threshold = threshold.masked_fill(keep_all, float("-inf"))
     slow = (~resolved & ~keep_all).nonzero().squeeze(-1)  # flat rows, P near 1, a boundary tied with the last candidate
-    whole = keep_all.nonzero().squeeze(-1)
-    saved = torch.index_select(z, 0, slow) if slow.numel() else None  # rows still needed whole
-    kept_whole = torch.index_select(z, 0, whole) if whole.numel() else None
-
-    out = z.fill_(float("-inf")) if inplace else torch.full_like(z, float("-inf"))
-    kept = torch.where(stats.top_values >= threshold.unsqueeze(-1), stats.top_values, float("-inf"))
-    out.scatter_(1, stats.top_indices, kept)
-    if saved is not None:
-        cut = _slow_thresholds(saved, stats.top_values[slow, 0], stats.lse[slow], top_p[slow])
-        out.index_copy_(0, slow, saved.masked_fill_(saved < cut.unsqueeze(-1), float("-inf")))
-    if kept_whole is not None:
-        out.index_copy_(0, whole, kept_whole)
-    return out
+    if slow.numel():
+        threshold[slow] = _slow_thresholds(z, slow, stats.top_values[slow, 0], stats.lse[slow], top_p[slow])
+    return _mask_below(z if inplace else z.clone(), threshold)
 
 
 def nucleus_filter(logits: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:

@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
+import heads.nucleus as nucleus
 from heads.modules import distribution_features
 from heads.nucleus import nucleus_filter, nucleus_filter_sorted
 
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def slow_path(request, monkeypatch):
+    """Every test runs on both implementations of the slow path and the masking: the compiled
+    passes (heads/nucleus_native.cpp) and the numpy/torch ones used where no compiler exists."""
+    if request.param == "numpy":
+        monkeypatch.setattr(nucleus, "native", lambda: None)
+    elif nucleus.native() is None:
+        pytest.skip("no C++ compiler here: the native passes are not built")
+    return request.param
+
+
+def test_native_passes_build_where_a_compiler_exists(slow_path):
+    if slow_path == "numpy" or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("checks the compiled build")
+    assert nucleus.native() is not None
+
+
+def test_a_failing_compiler_leaves_the_numpy_path(slow_path, monkeypatch, tmp_path):
+    if slow_path == "numpy":
+        pytest.skip("checks the compiled build")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("false"))
+    assert nucleus._build_native(nucleus.NATIVE_SOURCE) is None
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-written
+
+
 def sorted_reference(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Full sort of each row, same arithmetic for the masses (exp(z - lse) in float32)."""
+    """Full sort of each row, same arithmetic for the masses: exp(z - lse) in float32, with the lse
+    of logit_stats (the contract; test_logit_stats_match_float64 checks that lse itself)."""
     z = z.float()
-    row_max = z.amax(-1, keepdim=True)
-    lse = row_max + torch.log(torch.exp(z - row_max).sum(-1, keepdim=True))
+    lse = nucleus.logit_stats(z.contiguous(), moments=False).lse.unsqueeze(-1)
     values = z.sort(-1, descending=True).values
     cumulative = torch.exp(values - lse).cumsum(-1)
     first = (cumulative < top_p[:, None]).sum(-1, keepdim=True)
@@ -58,6 +87,22 @@ def test_matches_full_sort_reference(vocab, top_p):
         want = sorted_reference(z, p)
         assert torch.equal(got, want), f"{name}: {(got != want).sum()} entries differ"
         assert torch.isfinite(got).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 3.0, 12.0, 40.0])
+def test_logit_stats_match_float64(scale):
+    """lse, the entropy and sum p^2 against float64 torch: within float32 rounding (the entropy
+    relative to itself, also on peaked rows where lse - E_p[z] would cancel)."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(6, 49152, generator=g) * scale
+    z[5, ::4] = float("-inf")  # a masked vocabulary adds nothing (and no NaN)
+    stats = nucleus.logit_stats(z)
+    d = z.double()
+    p = torch.softmax(d, -1)
+    assert torch.allclose(stats.lse.double(), torch.logsumexp(d, -1), rtol=1e-7, atol=2e-6)  # float32 rounding
+    entropy = -(p * torch.log(p)).nan_to_num(nan=0.0).sum(-1)
+    assert torch.allclose(stats.entropy.double(), entropy, rtol=2e-5, atol=0)
+    assert torch.allclose(stats.sum_p2.double(), p.square().sum(-1), rtol=1e-5, atol=0)
 
 
 def test_per_row_top_p_and_escalation_paths():
@@ -207,6 +252,17 @@ def test_slow_path_with_masked_vocabulary_and_bfloat16():
     p = torch.tensor([0.8, 0.9, 0.99, 0.999])
     want = sorted_reference(half.float(), p).bfloat16()
     assert torch.equal(nucleus_filter(half, p), want)
+
+
+def test_nan_logits_do_not_break_the_passes():
+    """NaN logits have no nucleus to speak of; the passes must still stay in bounds and return."""
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(4, 8192, generator=g)
+    z[0, ::7] = float("nan")
+    z[1, 5] = float("nan")
+    out = nucleus_filter(z, torch.tensor([0.9, 0.99, 0.5, 0.999]))
+    assert out.shape == z.shape
+    assert torch.equal(out[2:], sorted_reference(z[2:], torch.tensor([0.5, 0.999])))  # clean rows unaffected
 
 
 def test_scratch_buffers_work_in_and_out_of_inference_mode():

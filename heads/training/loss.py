@@ -472,7 +472,7 @@ def _row_features(rows: _Rows, top_logits: np.ndarray) -> torch.Tensor:
     lse = rows.l_max / t64 + np.log(se)
     summary = LogitStats(
         top_values=torch.from_numpy(top_logits / t64[:, None]).float(), top_indices=None,
-        lse=torch.from_numpy(lse).float(), mean_z=torch.from_numpy(stats[:, 1] / (t64 * se)).float(),
+        lse=torch.from_numpy(lse).float(), entropy=torch.from_numpy(lse - stats[:, 1] / (t64 * se)).float(),
         sum_p2=torch.from_numpy(stats[:, 8] / (se * se)).float(), vocab_size=rows.logits.shape[1])
     return features_from_stats(summary)
 
