@@ -158,7 +158,7 @@ class LogitStats:
     top_values: torch.Tensor  # [N, k] sorted descending
     top_indices: torch.Tensor  # [N, k]
     lse: torch.Tensor  # [N] logsumexp(z)
-    entropy: torch.Tensor | None  # [N] -sum p log p = log(sum e) + E_p[max - z]: no cancellation
+    entropy: torch.Tensor | None  # [N] -sum p log p
     sum_p2: torch.Tensor | None  # [N] sum of p^2
     vocab_size: int
 
@@ -208,10 +208,11 @@ def logit_stats(z: torch.Tensor, k: int = DEFAULT_K, moments: bool = True, fast:
     """Top-k candidates, logsumexp and (optionally) the entropy and sum p^2 of each row of z [N, V].
 
     One exp pass over the vocabulary: with ``fast`` on CPU natively (block maxima, then one read of
-    each row for all three sums), else in a reused scratch buffer with torch (``moments`` then adds
-    reductions over it). The two agree to float32 rounding, not bit for bit; training keeps torch's
-    (``fast=False``), whose features the loss kernels reproduce. Either way the nucleus uses this
-    lse for every mass (its contract).
+    each row for all three sums; the entropy as log(sum e) + E_p[max - z], which cannot cancel),
+    else in a reused scratch buffer with torch (``moments`` then adds reductions over it; the
+    entropy as lse - E_p[z], off by up to ~1e-5 absolute on peaked rows). Training keeps torch's
+    (``fast=False``): the arithmetic its loss kernels were checked against. Either way the nucleus
+    uses this lse for every mass (its contract).
     """
     k = min(max(k, 5), z.shape[-1])
     lib = native() if fast and _native_ok(z) and not z.requires_grad else None
@@ -230,14 +231,12 @@ def logit_stats(z: torch.Tensor, k: int = DEFAULT_K, moments: bool = True, fast:
     values, indices = top_candidates(z, k)
     row_max = values[:, :1]
     e = torch.sub(z, row_max, out=_workspace(z)).exp_()  # unnormalised probabilities, max term = 1
-    total = e.sum(-1, dtype=torch.float64)
-    lse = (row_max.squeeze(-1).double() + torch.log(total)).float()
+    total = e.sum(-1)
+    lse = row_max.squeeze(-1) + torch.log(total)
     entropy = sum_p2 = None
-    if moments:
-        sum_p2 = (torch.linalg.vector_norm(e, dim=-1).double().square() / total.square()).float()
-        depth = torch.sub(row_max, z, out=_workspace(z, "depth"))  # max - z >= 0: E_p[depth] has no cancellation
-        sum_ed = depth.mul_(e).nan_to_num_(nan=0.0).sum(-1, dtype=torch.float64)  # 0 * inf (a masked token) adds 0
-        entropy = (torch.log(total) + sum_ed / total).float()
+    if moments:  # the training features' arithmetic (lse - E_p[z]: loses digits on peaked rows)
+        sum_p2 = torch.linalg.vector_norm(e, dim=-1).square() / total.square()
+        entropy = lse - e.mul_(z).nansum(-1) / total  # nansum: 0 * -inf (a masked token) adds 0
     return LogitStats(values, indices, lse, entropy, sum_p2, z.shape[-1])
 
 

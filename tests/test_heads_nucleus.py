@@ -90,7 +90,7 @@ def test_matches_full_sort_reference(vocab, top_p):
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 3.0, 12.0, 40.0])
-def test_logit_stats_match_float64(scale):
+def test_logit_stats_match_float64(scale, slow_path):
     """lse, the entropy and sum p^2 against float64 torch: within float32 rounding (the entropy
     relative to itself, also on peaked rows where lse - E_p[z] would cancel)."""
     g = torch.Generator().manual_seed(11)
@@ -101,7 +101,10 @@ def test_logit_stats_match_float64(scale):
     p = torch.softmax(d, -1)
     assert torch.allclose(stats.lse.double(), torch.logsumexp(d, -1), rtol=1e-7, atol=2e-6)  # float32 rounding
     entropy = -(p * torch.log(p)).nan_to_num(nan=0.0).sum(-1)
-    assert torch.allclose(stats.entropy.double(), entropy, rtol=2e-5, atol=0)
+    if slow_path == "native":  # log(sum e) + E_p[max - z]: relative accuracy even at entropy 1e-8
+        assert torch.allclose(stats.entropy.double(), entropy, rtol=2e-5, atol=0)
+    else:  # lse - E_p[z]: float32 cancellation, about lse * 1e-7
+        assert torch.allclose(stats.entropy.double(), entropy, rtol=1e-4, atol=2e-7 * d.amax().item())
     assert torch.allclose(stats.sum_p2.double(), p.square().sum(-1), rtol=1e-5, atol=0)
 
 
