@@ -33,11 +33,13 @@ def features_from_stats(stats: LogitStats) -> torch.Tensor:
 def distribution_features(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Features of softmax(logits / T): [..., 4] = (max prob, entropy, variance, top-5 mass).
 
-    ``logits`` is [..., V], ``temperature`` is [...] (or [..., 1]). Computed in float32.
+    ``logits`` is [..., V], ``temperature`` is [...] (or [..., 1]). Computed in float32, with the
+    training features' arithmetic (``heads.model.block_features``; decoding's native statistics
+    agree to float32 rounding).
     """
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1]).float() / temperature.reshape(-1, 1).float()
-    return features_from_stats(logit_stats(z, k=5)).reshape(*lead, N_FEATURES)
+    return features_from_stats(logit_stats(z, k=5, fast=False)).reshape(*lead, N_FEATURES)
 
 
 class TempHead(nn.Module):

@@ -12,7 +12,7 @@ Options (``--backend-arg KEY=VALUE``): ``dtype`` (auto = bf16 on CPUs with nativ
 model type has plain eager attention, else eager for bf16 on CPU, else transformers' default,
 sdpa), ``cache`` (auto = ``reused`` on CPU, ``dynamic`` elsewhere; ``static`` = transformers'
 pre-allocated KV cache where it supports the model), ``linear`` (auto = ``packed`` for bf16 on
-CPU: oneDNN-packed weights), ``max_batch_size``, ``device``. What each CPU choice replaces and
+CPUs that run oneDNN's packed bf16 linear, else ``plain``: oneDNN-packed weights), ``max_batch_size``, ``device``. What each CPU choice replaces and
 why is in ``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
 threads, decode ms per step): bf16 + eager 71-107, bf16 + sdpa ~150 (torch's bf16 SDPA kernel is
 slow here), fp32 + sdpa ~145; grouped-eager 60-66, + reused cache 57-59, + packed linears 51;
