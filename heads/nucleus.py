@@ -8,10 +8,11 @@ P <= 0 keeps the top token (and its ties); P >= 1 keeps everything.
 Why it is fast: the order of probabilities is the order of logits, and the mass of any token
 is exp(z_i - lse) once the full-vocabulary logsumexp is known. So the nucleus only needs
 (1) one exp pass over the vocabulary for lse (shared with the top-p head's features) and
-(2) the largest logits up to the crossing point. The lse of logit_stats is part of the contract:
-every mass is float32 exp(z - lse) with that lse (the tests' reference takes it from there). Those come from a block-max pre-selection: the
+(2) the largest logits up to the crossing point. Those come from a block-max pre-selection: the
 k largest values of a row lie in the k blocks with the largest maxima, so a cheap max over blocks
 of 64 plus two tiny top-k's replaces a vocabulary-wide top-k (slow on CPU) or sort (very slow).
+The lse of logit_stats is part of the contract: every mass is float32 exp(z - lse) with that lse
+(the tests' reference takes it from there).
 
 Rows whose k candidates do not reach P (flat rows, P near 1: a third to two thirds of the rows
 of a real model at P 0.9-0.99), or whose boundary ties the last candidate, go together through
@@ -95,7 +96,8 @@ def _build_native(source: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build beside the target, then rename: atomic
         built = Path(tmp) / target.name
         for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-            command = [compiler, "-O3", *arch, "-fopenmp-simd", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-pthread", str(source), "-o", str(built)]
+            command = [compiler, "-O3", *arch, "-fopenmp-simd", "-fno-trapping-math", "-std=c++17", "-shared",
+                       "-fPIC", "-pthread", str(source), "-o", str(built)]
             if subprocess.run(command, capture_output=True).returncode == 0:
                 os.replace(built, target)
                 return target
@@ -108,10 +110,10 @@ def _load_native():
         return None
     try:
         path = _build_native(NATIVE_SOURCE)
-        lib = ctypes.CDLL(str(path)) if path is not None else None
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
     except OSError:
-        return None
-    if lib is None:
         return None
     ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
     lib.nucleus_candidates.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i32, i32, f64, f64, f64,

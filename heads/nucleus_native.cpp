@@ -129,6 +129,17 @@ void band_of_row(const Rows& a, int64_t r, int32_t* low_out, int32_t* high_out) 
     *high_out = std::min(high, a.n_keys - 1);
 }
 
+// work(r0, r1) on rows [0, n) split into `threads` contiguous blocks (at most one per row): the
+// first block on the calling thread, the others on threads started for this call.
+template <class Work>
+void on_row_blocks(int64_t n, int32_t threads, const Work& work) {
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+    std::vector<std::thread> pool;
+    for (int64_t t = 1; t < blocks; ++t) pool.emplace_back(work, n * t / blocks, n * (t + 1) / blocks);
+    work(0, n / blocks);
+    for (auto& th : pool) th.join();
+}
+
 }  // namespace
 
 extern "C" {
@@ -169,11 +180,7 @@ int64_t nucleus_candidates(const float* z, int64_t stride, int64_t vocab, const 
             counts[r] = count;
         }
     };
-    int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, m));
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < n_threads; ++t) pool.emplace_back(work, m * t / n_threads, m * (t + 1) / n_threads);
-    work(0, m / n_threads);
-    for (auto& th : pool) th.join();
+    on_row_blocks(m, threads, work);
     int64_t total = 0;
     for (int64_t r = 0; r < m; ++r) {  // pack: row r's slot starts at r * vocab >= total
         if (total != r * vocab) {
@@ -301,11 +308,7 @@ void row_stats(const float* z, int64_t n, int64_t stride, int64_t vocab, int64_t
             sum_e2[r] = total_e2;
         }
     };
-    int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < n_threads; ++t) pool.emplace_back(work, n * t / n_threads, n * (t + 1) / n_threads);
-    work(0, n / n_threads);
-    for (auto& th : pool) th.join();
+    on_row_blocks(n, threads, work);
 }
 
 // z[rows, :] = z >= threshold ? z : -inf, in place (rows of length vocab, `stride` apart).

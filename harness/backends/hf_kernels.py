@@ -35,6 +35,8 @@ another random stream than multinomial's.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -130,23 +132,19 @@ class ReusedBuffersCache(DynamicCache):
         self.layers = [ReusedBuffersLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
 
 
-_PACKED_BF16: list[bool] = []  # the probe's answer, once per process
-
-
+@functools.cache
 def packed_bf16_supported() -> bool:
     """Whether this CPU runs oneDNN's packed bf16 linear: it needs avx512bw/vl/dq or avx_ne_convert
     (AVX2-only CPUs such as AMD Zen 3 lack both and raise). Probed once on a 16 x 16 weight."""
-    if not _PACKED_BF16:
-        ok = torch.backends.mkldnn.is_available()
-        if ok:
-            try:
-                weight = torch.ones(16, 16, dtype=torch.bfloat16)
-                torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), _packed(weight), None,
-                                                   "none", [None], "")
-            except RuntimeError:
-                ok = False
-        _PACKED_BF16.append(ok)
-    return _PACKED_BF16[0]
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ones(16, 16, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), _packed(weight), None,
+                                           "none", [None], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_linears(model: nn.Module) -> int:
