@@ -9,7 +9,7 @@ import torch
 from harness.backends import BackendError, Request, get_backend
 from harness.backends.dtype import cpu_flags, native_bf16, resolve_dtype, torch_dtype
 from harness.backends.hf import default_attention
-from harness.backends.hf_kernels import ReusedBuffersCache
+from harness.backends.hf_kernels import ReusedBuffersCache, packed_supported
 from harness.decoding import get_preset
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\nprocessor\t: 1\n"
@@ -95,7 +95,7 @@ def test_cache_and_attention_choices(smollm2_path):
     assert backend.cache_implementation() is None  # auto: a growing cache (measured faster here) ...
     assert backend.cache == "reused" and isinstance(backend.new_cache(), ReusedBuffersCache)  # ... reusing memory
     assert backend.model.config._attn_implementation == "sdpa"
-    assert backend.packed_linears == 0  # fp32: aten's own matmul
+    assert backend.packed_linears == (211 if packed_supported(torch.float32) else 0)  # oneDNN-packed fp32
     bf16 = get_backend("hf", str(smollm2_path), dtype="bfloat16", cache="static", attention="eager")
     assert bf16.cache_implementation() == "static" and bf16.new_cache() is None
     assert bf16.model.config._attn_implementation == "eager"

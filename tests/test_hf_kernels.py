@@ -1,6 +1,6 @@
 """The transformers backend's CPU kernels (harness.backends.hf_kernels): each computes what the plain
 path computes — grouped attention = eager attention with repeated keys/values, the reused-buffer KV
-cache = DynamicCache, packed linears = F.linear, the inverse-CDF sampler draws by the probabilities
+cache = DynamicCache, packed linears = F.linear (bf16 exactly, fp32 to rounding), the inverse-CDF sampler draws by the probabilities
 — and the backend with all of them on gives the plain backend's completions on real SmolLM2."""
 
 from __future__ import annotations
@@ -20,13 +20,19 @@ from harness.backends.hf_kernels import (
     ReusedBuffersCache,
     grouped_attention,
     pack_linears,
-    packed_bf16_supported,
+    packed_supported,
     sample_rows,
 )
 from harness.decoding import get_preset
 
-needs_packed_bf16 = pytest.mark.skipif(not packed_bf16_supported(),
+needs_packed_bf16 = pytest.mark.skipif(not packed_supported(torch.bfloat16),
                                        reason="this CPU has no oneDNN packed bf16 linear (AVX2 only)")
+needs_packed_fp32 = pytest.mark.skipif(not packed_supported(torch.float32), reason="torch without oneDNN")
+# Packed fp32 sums in another order than aten's matmul: outputs agree to float32 rounding (SmolLM2's
+# logits measured 7e-5 apart at magnitude ~20); bf16 rounds both to the same value.
+PACKED_TOLERANCE = {torch.bfloat16: {"rtol": 0, "atol": 0}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
+PACKED_DTYPES = [pytest.param(torch.bfloat16, marks=needs_packed_bf16, id="bf16"),
+                 pytest.param(torch.float32, marks=needs_packed_fp32, id="fp32")]
 
 
 @pytest.mark.parametrize("q_len,groups,mask_heads", [(1, 3, 1), (5, 3, 1), (4, 1, 1), (3, 2, 4)])
@@ -82,30 +88,31 @@ def test_reused_buffers_cache_equals_dynamic_cache():
     assert reused.get_seq_length() == plain.get_seq_length() == sum(lengths) - 4
 
 
-@needs_packed_bf16
-def test_packed_linears_compute_f_linear():
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_packed_linears_compute_f_linear(dtype):
     torch.manual_seed(2)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16, bias=False)).to(torch.bfloat16)
-    x = torch.randn(5, 3, 32, dtype=torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16, bias=False)).to(dtype)
+    x = torch.randn(5, 3, 32, dtype=dtype)
     want = model(x)
     assert pack_linears(model) == 2
-    assert torch.equal(model(x), want)
-    assert pack_linears(torch.nn.Linear(4, 4)) == 0  # float32 weights stay on the plain path
+    torch.testing.assert_close(model(x), want, **PACKED_TOLERANCE[dtype])
+    assert pack_linears(torch.nn.Linear(4, 4).to(torch.float16)) == 0  # no packed fp16 path: stays plain
 
 
-@needs_packed_bf16
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_packed_model_gives_the_plain_models_logits(family):
-    """A small random Llama (no biases) / Qwen2 (q, k, v biases) in bf16: fused q/k/v, fused gate/up and
-    packed linears give the plain model's logits exactly, over a prefill and cached steps."""
+def test_packed_model_gives_the_plain_models_logits(family, dtype):
+    """A small random Llama (no biases) / Qwen2 (q, k, v biases): fused q/k/v, fused gate/up and
+    packed linears give the plain model's logits (bf16 exactly, fp32 to rounding) and its greedy
+    tokens, over a prefill and cached steps."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(4)
     kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
     config = kind(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
-    plain = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
-    fast = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    plain = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    fast = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     fast.load_state_dict(plain.state_dict())
     assert pack_linears(fast) == 2 * 7 + 1
     assert (fast.model.layers[0].self_attn.q_proj.bias is not None) == (family == "qwen2")
@@ -115,8 +122,8 @@ def test_packed_model_gives_the_plain_models_logits(family):
         got = fast.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
-        assert torch.equal(a, b)
-    x = torch.randn(2, 64, dtype=torch.bfloat16)  # k_proj on an input q_proj never saw: its own matmul
+        torch.testing.assert_close(a, b, **PACKED_TOLERANCE[dtype])
+    x = torch.randn(2, 64, dtype=dtype)  # k_proj on an input q_proj never saw: its own matmul
     attention, reference = fast.model.layers[1].self_attn, plain.model.layers[1].self_attn
     assert torch.equal(attention.k_proj(x), reference.k_proj(x))
 
@@ -167,9 +174,12 @@ def test_sample_rows_when_rounding_reaches_the_total():
 def test_hf_linear_option_is_checked(smollm2_path):
     with pytest.raises(BackendError, match="unknown linear 'fused'"):
         get_backend("hf", str(smollm2_path), linear="fused")
-    if not packed_bf16_supported():  # an AVX2-only CPU: auto stays plain, asking for packed is an error
+    fp32 = get_backend("hf", str(smollm2_path), dtype="float32")  # auto: packed where oneDNN runs fp32
+    assert fp32.packed_linears == (211 if packed_supported(torch.float32) else 0)  # 30 layers x 7 + lm_head
+    assert get_backend("hf", str(smollm2_path), dtype="float32", linear="plain").packed_linears == 0
+    if not packed_supported(torch.bfloat16):  # an AVX2-only CPU: auto stays plain, asking for packed is an error
         assert get_backend("hf", str(smollm2_path), dtype="bfloat16").packed_linears == 0
-        with pytest.raises(BackendError, match="no oneDNN packed bf16 linear"):
+        with pytest.raises(BackendError, match="no oneDNN packed bfloat16 linear"):
             get_backend("hf", str(smollm2_path), dtype="bfloat16", linear="packed")
 
 
@@ -184,7 +194,7 @@ def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp
     fast = get_backend("hf", str(heads), dtype="bfloat16")
     plain = get_backend("hf", str(heads), dtype="bfloat16", attention="eager", cache="dynamic", linear="plain")
     assert (fast.model.llm.config._attn_implementation, fast.cache) == (GROUPED, "reused")
-    assert fast.packed_linears == (211 if packed_bf16_supported() else 0)  # SmolLM2: 30 layers x 7 + lm_head
+    assert fast.packed_linears == (211 if packed_supported(torch.bfloat16) else 0)  # SmolLM2: 30 layers x 7 + lm_head
     assert plain.packed_linears == 0
     assert all(p.dtype == torch.float32 for p in fast.model.temp_head.parameters())
     tok = fast.tokenizer

@@ -41,7 +41,7 @@ from harness.backends.hf_kernels import (
     GROUPED_MODEL_TYPES,
     ReusedBuffersCache,
     pack_linears,
-    packed_bf16_supported,
+    packed_supported,
     register_grouped_attention,
     sample_rows,
 )
@@ -132,12 +132,12 @@ class HFBackend(Backend):
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.llm = self.model.llm if self.is_autodeco else self.model
         self.static_ok = bool(getattr(self.llm, "_can_compile_fullgraph", False))  # transformers' StaticCache fits it
-        if linear == "auto":
-            linear = ("packed" if torch_dtype == torch.bfloat16 and self.device.type == "cpu"
-                      and packed_bf16_supported() else "plain")
-        elif linear == "packed" and not packed_bf16_supported():
-            raise BackendError("linear=packed: this CPU (or torch build) has no oneDNN packed bf16 linear "
-                               "(it needs avx512bw/vl/dq or avx_ne_convert); use linear=plain")
+        if linear == "auto":  # oneDNN-packed weights on CPU: bf16 and fp32 (faster than aten's matmul in both)
+            linear = "packed" if self.device.type == "cpu" and packed_supported(torch_dtype) else "plain"
+        elif linear == "packed" and not (self.device.type == "cpu" and packed_supported(torch_dtype)):
+            raise BackendError(f"linear=packed: no oneDNN packed {str(torch_dtype).removeprefix('torch.')} linear "
+                               f"on this {self.device.type} (bf16 needs a CPU with avx512bw/vl/dq or "
+                               "avx_ne_convert; fp32 a torch build with oneDNN); use linear=plain")
         self.packed_linears = pack_linears(self.llm) if linear == "packed" else 0
 
     def cache_implementation(self) -> str | None:
