@@ -9,7 +9,7 @@ import torch
 from harness.backends import BackendError, Request, get_backend
 from harness.backends.dtype import cpu_flags, native_bf16, resolve_dtype, torch_dtype
 from harness.backends.hf import default_attention
-from harness.backends.hf_kernels import ReusedBuffersCache, packed_supported
+from harness.backends.hf_kernels import AppendedInPlaceCache, ReusedBuffersCache, packed_supported
 from harness.decoding import get_preset
 
 CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\nprocessor\t: 1\n"
@@ -64,13 +64,14 @@ def _requests(prompt_of, preset: str, n: int, max_tokens: int, stop=()):
                     max_tokens=max_tokens, stop=tuple(stop)) for i, q in enumerate(questions)]
 
 
-def test_static_cache_equals_dynamic_cache(autodeco_heads):
+def test_cpu_caches_equal_dynamic_cache(autodeco_heads):
     """AutoDeco sampling (heads on, per-row seeded sampler, logits_to_keep=1) and greedy with a stop
-    string give the same completions and traces with the pre-allocated cache and the growing one."""
+    string give the same completions and traces with the pre-allocated cache, the in-place one, the
+    reused buffers and the growing one."""
     backends = {cache: get_backend("hf", str(autodeco_heads), dtype="float32", cache=cache)
-                for cache in ("static", "dynamic")}
+                for cache in ("dynamic", "static", "inplace", "reused")}
     assert backends["static"].cache_implementation() == "static"
-    assert backends["dynamic"].cache_implementation() is None
+    assert backends["dynamic"].cache_implementation() is None and backends["dynamic"].new_cache() is None
     tok = backends["static"].tokenizer
 
     def prompt_of(question):
@@ -81,20 +82,23 @@ def test_static_cache_equals_dynamic_cache(autodeco_heads):
         requests = _requests(prompt_of, preset, n, 12, stop)
         got = {cache: sorted(b.generate(requests), key=lambda c: (c.key, c.sample_index))
                for cache, b in backends.items()}
-        assert len(got["static"]) == len(requests) * n
-        for a, b in zip(got["static"], got["dynamic"], strict=True):
-            assert (a.text, a.n_tokens, a.finish_reason) == (b.text, b.n_tokens, b.finish_reason)
-            if preset == "autodeco":
-                assert a.temperatures == pytest.approx(b.temperatures, abs=1e-5)
-                assert a.top_ps == pytest.approx(b.top_ps, abs=1e-5)
+        assert len(got["dynamic"]) == len(requests) * n
+        for cache in ("static", "inplace", "reused"):
+            for a, b in zip(got[cache], got["dynamic"], strict=True):
+                assert (a.text, a.n_tokens, a.finish_reason) == (b.text, b.n_tokens, b.finish_reason), cache
+                if preset == "autodeco":
+                    assert a.temperatures == pytest.approx(b.temperatures, abs=1e-5)
+                    assert a.top_ps == pytest.approx(b.top_ps, abs=1e-5)
 
 
 def test_cache_and_attention_choices(smollm2_path):
     backend = get_backend("hf", str(smollm2_path), dtype="float32")
     assert backend.static_ok  # Llama: transformers' StaticCache supports it
     assert backend.cache_implementation() is None  # auto: a growing cache (measured faster here) ...
-    assert backend.cache == "reused" and isinstance(backend.new_cache(), ReusedBuffersCache)  # ... reusing memory
     assert backend.model.config._attn_implementation == "sdpa"
+    assert backend.cache == "inplace" and isinstance(backend.new_cache(), AppendedInPlaceCache)  # ... in place
+    eager = get_backend("hf", str(smollm2_path), dtype="float32", attention="eager")
+    assert eager.cache == "reused" and isinstance(eager.new_cache(), ReusedBuffersCache)  # bmm copies strided batches
     assert backend.packed_linears == (211 if packed_supported(torch.float32) else 0)  # oneDNN-packed fp32
     bf16 = get_backend("hf", str(smollm2_path), dtype="bfloat16", cache="static", attention="eager")
     assert bf16.cache_implementation() == "static" and bf16.new_cache() is None

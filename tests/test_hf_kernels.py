@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from harness.backends import BackendError, Request, get_backend
 from harness.backends.hf_kernels import (
     GROUPED,
+    AppendedInPlaceCache,
     ReusedBuffersCache,
     grouped_attention,
     pack_linears,
@@ -60,15 +61,18 @@ def test_grouped_attention_refuses_what_it_does_not_compute():
         grouped_attention(SimpleNamespace(training=False), q, q, q, None, 1.0, softcap=30.0)
 
 
-def test_reused_buffers_cache_equals_dynamic_cache():
+@pytest.mark.parametrize("kind", [ReusedBuffersCache, AppendedInPlaceCache])
+def test_cpu_caches_equal_dynamic_cache(kind):
     """Prefill, single steps past a buffer's growth, a crop and a batch selection: keys and values
-    equal DynamicCache's after every update, contiguous, and never the tensor the update read."""
+    equal DynamicCache's after every update. Reused buffers: contiguous, never the tensor the update
+    read. In place: a prefix view of the buffer the previous step returned (no copy) except where it
+    grows or after a batch selection."""
     config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32)
     torch.manual_seed(1)
-    reused = ReusedBuffersCache(config)
+    reused = kind(config)
     plain = DynamicCache(config=config)
-    lengths = [5] + [1] * 300 + [3]
-    rows = 3
+    lengths = [5] + [1] * 300 + [300]  # the last update outgrows any buffer
+    rows, moved = 3, 0
     for step, n in enumerate(lengths):
         for layer in range(2):
             k, v = torch.randn(rows, 2, n, 8), torch.randn(rows, 2, n, 6)  # values may have another head size
@@ -76,15 +80,20 @@ def test_reused_buffers_cache_equals_dynamic_cache():
             got_k, got_v = reused.update(k, v, layer)
             want_k, want_v = plain.update(k, v, layer)
             assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-            assert got_k.is_contiguous() and got_v.is_contiguous()
-            if before is not None:
-                assert got_k.data_ptr() != before.data_ptr()
+            if kind is ReusedBuffersCache:
+                assert got_k.is_contiguous() and got_v.is_contiguous()
+                if before is not None:
+                    assert got_k.data_ptr() != before.data_ptr()
+            elif before is not None:
+                moved += got_k.data_ptr() != before.data_ptr()
         if step == 100:
             reused.crop(-4), plain.crop(-4)
         if step == 200:
             index = torch.tensor([2, 0])
             reused.batch_select_indices(index), plain.batch_select_indices(index)
             rows = 2
+    if kind is AppendedInPlaceCache:  # per layer: the batch selection's copy and the last update's growth
+        assert moved == 2 * 2
     assert reused.get_seq_length() == plain.get_seq_length() == sum(lengths) - 4
 
 
@@ -245,5 +254,7 @@ def test_decode_against_the_bound_runs_the_backends_generate(smollm2_path):
     got = decode_vs_bound(backend, prompt, batch=2, tokens=4, bandwidth=20e9)
     assert got["dtype"] == str(backend.llm.dtype).removeprefix("torch.") and got["new_tokens"] == 4
     assert got["seconds_all_tokens"] > got["seconds_one_token"]
+    assert 0 < got["seconds_decode_steps"] < got["seconds_all_tokens"]  # hf: the steps alone, no prefill
+    assert got["tokens_per_second"] == pytest.approx(2 * 3 / got["seconds_decode_steps"])
     assert got["bound_tokens_per_second"] == pytest.approx(2 * 20e9 / got["bytes_per_step"])
     assert got["fraction_of_bound"] == pytest.approx(got["tokens_per_second"] / got["bound_tokens_per_second"])

@@ -10,16 +10,19 @@ uninterrupted one.
 Options (``--backend-arg KEY=VALUE``): ``dtype`` (auto = bf16 on CPUs with native bf16, see
 ``harness.backends.dtype``), ``attention`` (auto = ``grouped-eager`` for bf16 on CPU where the
 model type has plain eager attention, else eager for bf16 on CPU, else transformers' default,
-sdpa), ``cache`` (auto = ``reused`` on CPU, ``dynamic`` elsewhere; ``static`` = transformers'
-pre-allocated KV cache where it supports the model), ``linear`` (auto = ``packed`` for bf16 on
-CPUs that run oneDNN's packed bf16 linear, else ``plain``: oneDNN-packed weights), ``max_batch_size``, ``device``. What each CPU choice replaces and
+sdpa), ``cache`` (auto on CPU = ``inplace`` with sdpa attention, ``reused`` with eager ones; ``dynamic``
+elsewhere; ``static`` = transformers' pre-allocated KV cache where it supports the model),
+``linear`` (auto = ``packed`` on CPU: oneDNN-packed weights, bf16 where the CPU runs oneDNN's
+packed bf16 linear, fp32 wherever torch has oneDNN; else ``plain``), ``max_batch_size``, ``device``. What each CPU choice replaces and
 why is in ``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
 threads, decode ms per step): bf16 + eager 71-107, bf16 + sdpa ~150 (torch's bf16 SDPA kernel is
 slow here), fp32 + sdpa ~145; grouped-eager 60-66, + reused cache 57-59, + packed linears 51;
 with fused q/k/v and gate/up and the inverse-CDF sampler ~42 (``bench backends``: 377-383
 tok/s). With eager attention the static cache was slower than the dynamic one (it attends over
 its whole length every step); with grouped-eager it measured level with ``reused`` (347 / 364 vs
-361 / 389 tok/s), which also grows only as far as the longest row.
+361 / 389 tok/s), which also grows only as far as the longest row. On an AVX2-only AMD EPYC (fp32,
+sdpa; median decode step of 24, four alternating runs each): ``inplace`` 166-197 ms against
+``reused`` 188-255 ms.
 
 AutoDeco models (``model_type == "autodeco"``: heads-only or merged folders) load through
 ``heads.model.AutoDecoModelForCausalLM``; the preset's ``heads`` switch the heads on, and a forward
@@ -39,6 +42,7 @@ from harness.backends.dtype import torch_dtype as resolve_torch_dtype
 from harness.backends.hf_kernels import (
     GROUPED,
     GROUPED_MODEL_TYPES,
+    AppendedInPlaceCache,
     ReusedBuffersCache,
     pack_linears,
     packed_supported,
@@ -48,7 +52,7 @@ from harness.backends.hf_kernels import (
 from harness.decoding import DecodingPreset
 from harness.models import is_autodeco, read_config
 
-CACHES = ("auto", "static", "dynamic", "reused")  # --backend-arg cache=...
+CACHES = ("auto", "static", "dynamic", "reused", "inplace")  # --backend-arg cache=...
 ATTENTIONS = ("auto", "eager", "sdpa", GROUPED)  # --backend-arg attention=...
 LINEARS = ("auto", "packed", "plain")  # --backend-arg linear=...
 
@@ -107,7 +111,6 @@ class HFBackend(Backend):
             raise BackendError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTIONS)}")
         if linear not in LINEARS:
             raise BackendError(f"unknown linear {linear!r}; choose from {', '.join(LINEARS)}")
-        self.cache = cache if cache != "auto" else "reused" if self.device.type == "cpu" else "dynamic"
         config = read_config(self.model_path)
         self.is_autodeco = is_autodeco(config)
         torch_dtype = resolve_torch_dtype(dtype, self.device.type)  # auto: bf16 where the CPU has it natively
@@ -131,6 +134,10 @@ class HFBackend(Backend):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.llm = self.model.llm if self.is_autodeco else self.model
+        if cache == "auto":  # on CPU: no fresh memory per step; in place where attention reads strided keys
+            cache = ("dynamic" if self.device.type != "cpu" else
+                     "inplace" if self.llm.config._attn_implementation == "sdpa" else "reused")
+        self.cache = cache
         self.static_ok = bool(getattr(self.llm, "_can_compile_fullgraph", False))  # transformers' StaticCache fits it
         if linear == "auto":  # oneDNN-packed weights on CPU: bf16 and fp32 (faster than aten's matmul in both)
             linear = "packed" if self.device.type == "cpu" and packed_supported(torch_dtype) else "plain"
@@ -146,9 +153,11 @@ class HFBackend(Backend):
         return "static" if self.cache == "static" and self.static_ok else None
 
     def new_cache(self):
-        """The KV cache object to hand generate: a ``ReusedBuffersCache`` for ``cache=reused``, else
-        None (generate makes its own: dynamic, or static per ``cache_implementation``)."""
-        return ReusedBuffersCache(self.llm.config) if self.cache == "reused" else None
+        """The KV cache object to hand generate: a ``ReusedBuffersCache`` for ``cache=reused``, an
+        ``AppendedInPlaceCache`` for ``cache=inplace``, else None (generate makes its own: dynamic,
+        or static per ``cache_implementation``)."""
+        kind = {"reused": ReusedBuffersCache, "inplace": AppendedInPlaceCache}.get(self.cache)
+        return kind(self.llm.config) if kind else None
 
     def load_heads(self, model_path: str) -> bool:
         if not (self.is_autodeco and same_base_and_heads(self.model_path, model_path)):

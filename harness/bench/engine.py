@@ -3,7 +3,7 @@
 - overhead: median wall time of a full `evaluate` (plan, store, grading, files) over the
   backend's raw ``generate`` on the same requests (target <= 1.05), interleaved repeats.
 - backends: generated tokens per second of each backend on the same requests; then each engine's
-  decode at a fixed batch (no EOS, prefill subtracted) against the memory-bandwidth bound: a decode
+  decode at a fixed batch (no EOS, prefill excluded) against the memory-bandwidth bound: a decode
   step reads every weight and the KV cache once, so tokens/s <= batch x read bandwidth / bytes per
   step, with the bandwidth measured here (a large ``torch.sum``).
 """
@@ -132,7 +132,7 @@ def backends(args) -> int:
         ratio = rows[names[0]]["tokens_per_second"] / rows[names[1]]["tokens_per_second"]
         result["ratio"] = ratio
         print(f"  {names[0]} / {names[1]} = {ratio:.2f}")
-    print(f"decode at batch {args.decode_batch} ({args.decode_tokens} tokens, no EOS, prefill subtracted) "
+    print(f"decode at batch {args.decode_batch} ({args.decode_tokens} tokens, no EOS, prefill excluded) "
           f"against the bandwidth bound ({bandwidth / 1e9:.1f} GB/s read):")
     for name, row in rows.items():
         d = row["decode"]
@@ -180,39 +180,49 @@ def model_weight_bytes(model, element: int | None = None) -> int:
 
 def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwidth: float) -> dict:
     """A fixed-shape decode (``batch`` copies of ``prompt``, exactly ``tokens`` new tokens, default
-    sampling) on the backend's own engine; decode tok/s = batch x (tokens - 1) / (t(tokens) - t(1))."""
+    sampling) on the backend's own engine: decode tok/s = batch x (tokens - 1) / the decode steps'
+    time. hf times the steps themselves (from the first forward's end to the last's); vllm, whose
+    steps run in its engine, as t(tokens) - t(1), which carries the prefill's run-to-run noise."""
     if backend.name == "vllm":
         run, weight_bytes, dtype, config = _vllm_decode(backend, prompt, batch)
     else:
         run, weight_bytes, dtype, config = _hf_decode(backend, prompt, batch)
     run(2)  # warm-up
-    one = min(run(1) for _ in range(2))
-    full = min(run(tokens) for _ in range(2))
-    tps = batch * (tokens - 1) / max(full - one, 1e-9)
+    one = min(run(1)[0] for _ in range(2))
+    full, steps = min(run(tokens) for _ in range(2))
+    decode_seconds = steps if steps is not None else full - one
+    tps = batch * (tokens - 1) / max(decode_seconds, 1e-9)
     element = torch.finfo(getattr(torch, dtype)).bits // 8
     weights, kv = decode_bytes(config, weight_bytes, element, batch, len(prompt) + tokens / 2)
     bound = batch * bandwidth / (weights + kv)
     return {"batch": batch, "new_tokens": tokens, "prompt_tokens": len(prompt), "dtype": dtype,
-            "seconds_one_token": one, "seconds_all_tokens": full, "tokens_per_second": tps,
-            "weight_bytes": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv,
-            "bound_tokens_per_second": bound, "fraction_of_bound": tps / bound}
+            "seconds_one_token": one, "seconds_all_tokens": full, "seconds_decode_steps": decode_seconds,
+            "tokens_per_second": tps, "weight_bytes": weights, "kv_bytes_per_step": kv,
+            "bytes_per_step": weights + kv, "bound_tokens_per_second": bound, "fraction_of_bound": tps / bound}
 
 
 def _hf_decode(backend, prompt: list[int], batch: int):
     """The backend's own generate path (its KV cache, attention, linear kernels and row sampler), base
-    model only."""
+    model only. ``run(n)`` -> (seconds, seconds of the n - 1 decode steps: between the ends of the
+    first and the last forward)."""
     from harness.decoding import get_preset
 
     preset = get_preset("default")
     ids = torch.tensor([prompt] * batch, device=backend.device)
+    ends: list[float] = []
 
-    def run(n: int) -> float:
+    def run(n: int) -> tuple[float, float]:
         generators = [torch.Generator(device=backend.device).manual_seed(i) for i in range(batch)]
-        start = time.perf_counter()
-        out = backend.generate_ids(ids, preset, generators, n, eos=False)  # default: AutoDeco's heads off
-        seconds = time.perf_counter() - start
-        assert out.shape[1] == ids.shape[1] + n, out.shape
-        return seconds
+        ends.clear()
+        hook = backend.model.register_forward_hook(lambda *_: ends.append(time.perf_counter()))
+        try:
+            start = time.perf_counter()
+            out = backend.generate_ids(ids, preset, generators, n, eos=False)  # default: AutoDeco's heads off
+            seconds = time.perf_counter() - start
+        finally:
+            hook.remove()
+        assert out.shape[1] == ids.shape[1] + n and len(ends) == n, (out.shape, len(ends))
+        return seconds, ends[-1] - ends[0]
 
     return run, model_weight_bytes(backend.llm), str(backend.llm.dtype).removeprefix("torch."), backend.llm.config
 
@@ -226,12 +236,12 @@ def _vllm_decode(backend, prompt: list[int], batch: int):
         llm.collective_rpc("autodeco_set_decoding", args=(False, False))
     requests = [{"prompt_token_ids": prompt}] * batch
 
-    def run(n: int) -> float:
+    def run(n: int) -> tuple[float, None]:
         params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=i, max_tokens=n, ignore_eos=True)
                   for i in range(batch)]
         start = time.perf_counter()
         llm.generate(requests, params, use_tqdm=False)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, None
 
     dtype = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     config = AutoConfig.from_pretrained(backend.engine_path)

@@ -1,7 +1,7 @@
 """`autodeco bench precision`: bf16 against fp32 per engine — decode speed and the accuracy check.
 
 For each backend, one engine per dtype: (1) a fixed-shape decode (batch 16, no EOS, prefill
-subtracted; `harness.bench.engine.decode_vs_bound`), (2) greedy on the demo's held-out problems
+excluded; `harness.bench.engine.decode_vs_bound`), (2) greedy on the demo's held-out problems
 (arith, 16 problems, 128 tokens). Prints the speed ratio bf16 / fp32 (goal >= 1.4 on vLLM) and
 the accuracy check:
 

@@ -158,7 +158,7 @@ def _nucleus(bench_subparsers) -> None:
 def _precision(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "precision", help="bf16 / fp32 decode speed per engine and the greedy accuracy check (goal >= 1.4 on vllm)",
-        description="One engine per dtype and backend: a fixed-shape decode (no EOS, prefill subtracted) and "
+        description="One engine per dtype and backend: a fixed-shape decode (no EOS, prefill excluded) and "
         "greedy on the demo's held-out problems; prints the speed ratio and whether bf16 passes the accuracy "
         "check (accuracy within 12.5 points of fp32's, the same verdict on >= 80% of the problems).")
     p.add_argument("--model", default="smollm2")
@@ -185,7 +185,7 @@ def _engine(bench_subparsers) -> None:
     b = bench_subparsers.add_parser(
         "backends", help="throughput of vllm vs hf on the same requests, and decode vs the memory-bandwidth bound",
         description="Tokens/s of each backend on the same eval requests; then each engine decodes a fixed batch "
-        "(no EOS, prefill subtracted) and is compared with the bound batch x read bandwidth / bytes per step "
+        "(no EOS, prefill excluded) and is compared with the bound batch x read bandwidth / bytes per step "
         "(weights + KV cache), the bandwidth measured on this machine. Prints the bound and the fraction reached.")
     _engine_common(b, samples=16, max_tokens=64)
     b.add_argument("--backends", type=_backend_names, default="vllm,hf",
