@@ -24,6 +24,7 @@ from harness.backends.hf_kernels import (
     packed_supported,
     sample_rows,
 )
+from harness.bench.nucleus import GOAL, ratio_interval
 from harness.decoding import get_preset
 
 needs_packed_bf16 = pytest.mark.skipif(not packed_supported(torch.bfloat16),
@@ -222,6 +223,20 @@ def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp
             assert a.top_ps == pytest.approx(b.top_ps, abs=2e-2)
 
 
+def test_bench_nucleus_verdict_needs_the_whole_interval():
+    """A cell meets the 1.01 goal only when its 95% interval lies at or below it, misses only when
+    the interval lies above; a median on one side of 1.01 with noise across it settles nothing."""
+    tight_under = ratio_interval([1.001, 1.003, 0.999, 1.002, 1.000])
+    assert tight_under["verdict"] == "meets" and tight_under["ratio_ci"][1] <= GOAL
+    assert tight_under["ratio_mean"] == pytest.approx(math.exp(sum(map(math.log, [1.001, 1.003, 0.999, 1.002,
+                                                                                  1.0])) / 5))
+    assert ratio_interval([1.05, 1.06, 1.04, 1.05])["verdict"] == "misses"
+    noisy = ratio_interval([0.97, 1.05, 1.00, 1.04, 0.98])  # median 1.00 < 1.01, interval across it
+    assert noisy["verdict"] == "undecided" and noisy["ratio_ci"][0] < GOAL < noisy["ratio_ci"][1]
+    one = ratio_interval([0.9])
+    assert one["verdict"] == "undecided" and one["ratio_ci"] is None and one["ratio_mean"] == pytest.approx(0.9)
+
+
 @pytest.mark.slow
 def test_bench_nucleus_times_the_backends_own_path(tmp_path):
     """`bench nucleus` at a tiny size: the hf child runs the backend (kernels, cache, row sampler) with
@@ -237,6 +252,7 @@ def test_bench_nucleus_times_the_backends_own_path(tmp_path):
     column = result["results"]["hf@1"]
     row = column["settings"]["P=0.9"]
     assert row["ratio"] > 0 and len(row["default_seconds"]) == len(row["autodeco_seconds"]) == 1
+    assert row["verdict"] == "undecided" and result["verdicts"] == {"meets": 0, "misses": 0, "undecided": 1}
     assert column["step_ms"] == pytest.approx(1e3 * row["default_seconds"][0] / 3)
     assert row["top_p_mean"] == pytest.approx(0.9, abs=1e-4)
     assert 0 <= row["slow_rows"] <= 2

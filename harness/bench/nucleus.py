@@ -8,8 +8,12 @@ biases set so that T = 1 and P = that value for every token (a real checkpoint, 
 engines unchanged), and, with ``--heads``, also uses a trained checkpoint's own T and P.
 
 Per engine (hf, vllm) and thread count, one child process generates the same natural-text
-prompts with AutoDeco's heads on and off, repeats interleaved, and reports the median ratio of
-wall times (goal <= 1.01 at every P):
+prompts with AutoDeco's heads on and off, repeats interleaved, and reports the ratio of wall
+times (goal <= 1.01 at every P): the median of the per-repeat ratios (AutoDeco run / the default
+run beside it), and the geometric mean with its 95% t interval over those ratios' logs
+(`ratio_interval`). A cell *meets* the goal when its whole interval lies at or below 1.01,
+*misses* when it lies above, and is *undecided* otherwise: run-to-run noise on a shared CPU is
+several percent, so a single median under or over 1.01 settles nothing.
 - hf: the backend's own generate path (its CPU kernels, KV cache and row sampler; ``HFBackend.
   generate_ids``) with the ``default`` preset (heads off: the base's logits, T = 1, P = 1) against
   the ``autodeco`` preset, both from a copy of one prefilled KV cache, so the decode steps are what
@@ -38,8 +42,22 @@ import torch
 
 from harness.bench import natural_rows, write_result
 from harness.core.errors import UserError
+from harness.stats import mean_estimate
 
 GOAL = 1.01
+VERDICTS = ("meets", "misses", "undecided")
+
+
+def ratio_interval(ratios: list[float]) -> dict:
+    """The geometric mean of per-repeat ratios and its 95% t interval (on their logs: a ratio's
+    noise is multiplicative), and the verdict against `GOAL`; one repeat gives no interval (None)
+    and no verdict but undecided."""
+    estimate = mean_estimate([math.log(r) for r in ratios])
+    if estimate.n < 2:
+        return {"ratio_mean": math.exp(estimate.mean), "ratio_ci": None, "verdict": "undecided"}
+    low, high = math.exp(estimate.ci_low), math.exp(estimate.ci_high)
+    verdict = "meets" if high <= GOAL else "misses" if low > GOAL else "undecided"
+    return {"ratio_mean": math.exp(estimate.mean), "ratio_ci": [low, high], "verdict": verdict}
 
 
 def force_heads(model, top_p: float, temperature: float = 1.0) -> None:
@@ -98,22 +116,32 @@ def run(args) -> int:
                       file=sys.stderr, flush=True)
                 results[f"{backend}@{threads}"] = _child(spec, env)
     _print_table(results, [name for name, _ in settings], dtype, args)
-    worst = max(r["ratio"] for column in results.values() for r in column["settings"].values())
+    cells = [r for column in results.values() for r in column["settings"].values()]
     write_result(args.out, "bench_nucleus.json", {
         "bench": "nucleus", "model": args.model, "dtype": dtype, "batch": args.batch_size, "context": args.context,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "results": results, "worst_ratio": worst,
-        "goal": GOAL})
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "results": results,
+        "worst_ratio": max(r["ratio"] for r in cells), "goal": GOAL,
+        "verdicts": {v: sum(r["verdict"] == v for r in cells) for v in VERDICTS}})
     return 0
 
 
 def _print_table(results: dict, names: list[str], dtype: str, args) -> None:
     columns = list(results)
     print(f"bench nucleus: {args.model} {dtype}, batch {args.batch_size}, context {args.context}, "
-          f"{args.new_tokens} new tokens, median of {args.repeats} interleaved repeats")
-    print("AutoDeco / default sampling, wall time (goal <= 1.01):")
-    print(f"  {'heads':<10}" + "".join(f"{c:>12}" for c in columns))
+          f"{args.new_tokens} new tokens, {args.repeats} interleaved repeats")
+    print(f"AutoDeco / default sampling, wall time: median of the repeats' ratios [95% interval of their geometric "
+          f"mean]; + meets the goal <= {GOAL} (whole interval at or below), - misses (whole interval above), "
+          "? undecided")
+    mark = {"meets": "+", "misses": "-", "undecided": "?"}
+    width = 26
+    print(f"  {'heads':<10}" + "".join(f"{c:>{width}}" for c in columns))
     for name in names:
-        print(f"  {name:<10}" + "".join(f"{results[c]['settings'][name]['ratio']:>12.4f}" for c in columns))
+        cells = []
+        for c in columns:
+            r = results[c]["settings"][name]
+            interval = "[{:.3f}, {:.3f}]".format(*r["ratio_ci"]) if r["ratio_ci"] else "[no interval]"
+            cells.append(f"{r['ratio']:.4f} {interval} {mark[r['verdict']]}")
+        print(f"  {name:<10}" + "".join(f"{cell:>{width}}" for cell in cells))
     for column, data in results.items():
         if not column.startswith("hf@"):
             continue
@@ -125,8 +153,10 @@ def _print_table(results: dict, names: list[str], dtype: str, args) -> None:
             print(f"  {name:<10} AutoDeco {s['autodeco_ms']:.3f} ms = {share:.2f}% of a step; nucleus "
                   f"{s['nucleus_ms']:.3f} ms = {100 * s['nucleus_ms'] / data['step_ms']:.2f}%, "
                   f"{s['slow_rows']}/{args.batch_size} rows on the slow path, mean P {s['top_p_mean']:.4f}")
-    worst = max(r["ratio"] for column in results.values() for r in column["settings"].values())
-    print(f"worst ratio {worst:.4f} (goal <= {GOAL})")
+    cells = [r for column in results.values() for r in column["settings"].values()]
+    counts = ", ".join(f"{sum(r['verdict'] == v for r in cells)} {v}" for v in VERDICTS)
+    print(f"worst median ratio {max(r['ratio'] for r in cells):.4f}; of {len(cells)} cells: {counts} "
+          f"(goal <= {GOAL})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +170,8 @@ def _interleaved(repeats: int, default, autodeco) -> dict:
         for side in order:
             walls[side].append((default if side == "default" else autodeco)(r))
     ratios = [a / d for a, d in zip(walls["autodeco"], walls["default"], strict=True)]
-    return {"ratio": statistics.median(ratios), "ratios": ratios, **{f"{k}_seconds": v for k, v in walls.items()}}
+    return {"ratio": statistics.median(ratios), "ratios": ratios, **ratio_interval(ratios),
+            **{f"{k}_seconds": v for k, v in walls.items()}}
 
 
 def _hf_child(spec: dict) -> dict:
