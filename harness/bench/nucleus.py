@@ -115,22 +115,17 @@ def run(args) -> int:
                 print(f"{backend}, {threads} thread(s): {len(settings)} settings x {args.repeats} repeats ...",
                       file=sys.stderr, flush=True)
                 results[f"{backend}@{threads}"] = _child(spec, env)
-    _print_table(results, [name for name, _ in settings], dtype, args)
-    cells = _cells(results)
+    cells = [row for column in results.values() for row in column["settings"].values()]
+    summary = {"worst_ratio": max(r["ratio"] for r in cells), "goal": GOAL,
+               "verdicts": {v: sum(r["verdict"] == v for r in cells) for v in VERDICTS}}
+    _print_table(results, [name for name, _ in settings], dtype, args, summary)
     write_result(args.out, "bench_nucleus.json", {
         "bench": "nucleus", "model": args.model, "dtype": dtype, "batch": args.batch_size, "context": args.context,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "results": results,
-        "worst_ratio": max(r["ratio"] for r in cells), "goal": GOAL,
-        "verdicts": {v: sum(r["verdict"] == v for r in cells) for v in VERDICTS}})
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "results": results, **summary})
     return 0
 
 
-def _cells(results: dict) -> list[dict]:
-    """Every (engine, threads, setting) cell of ``results``."""
-    return [row for column in results.values() for row in column["settings"].values()]
-
-
-def _print_table(results: dict, names: list[str], dtype: str, args) -> None:
+def _print_table(results: dict, names: list[str], dtype: str, args, summary: dict) -> None:
     columns = list(results)
     print(f"bench nucleus: {args.model} {dtype}, batch {args.batch_size}, context {args.context}, "
           f"{args.new_tokens} new tokens, {args.repeats} interleaved repeats")
@@ -158,9 +153,9 @@ def _print_table(results: dict, names: list[str], dtype: str, args) -> None:
             print(f"  {name:<10} AutoDeco {s['autodeco_ms']:.3f} ms = {share:.2f}% of a step; nucleus "
                   f"{s['nucleus_ms']:.3f} ms = {100 * s['nucleus_ms'] / data['step_ms']:.2f}%, "
                   f"{s['slow_rows']}/{args.batch_size} rows on the slow path, mean P {s['top_p_mean']:.4f}")
-    cells = _cells(results)
-    counts = ", ".join(f"{sum(r['verdict'] == v for r in cells)} {v}" for v in VERDICTS)
-    print(f"worst median ratio {max(r['ratio'] for r in cells):.4f}; of {len(cells)} cells: {counts} "
+    verdicts = summary["verdicts"]
+    counts = ", ".join(f"{verdicts[v]} {v}" for v in VERDICTS)
+    print(f"worst median ratio {summary['worst_ratio']:.4f}; of {sum(verdicts.values())} cells: {counts} "
           f"(goal <= {GOAL})")
 
 
