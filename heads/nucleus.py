@@ -82,22 +82,24 @@ def _cpu_signature() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
-def _build_native(source: Path) -> Path | None:
-    """Compile ``source`` once per (source, compiler, CPU) into the user's cache; None on failure."""
+def _build_native(source: Path, stem: str = "nucleus", flags: tuple[str, ...] = ()) -> Path | None:
+    """Compile ``source`` (with extra compiler ``flags``) once per (source, flags, compiler, CPU) into
+    the user's cache as ``<stem>-<key>.so``; None on failure."""
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
         return None
-    key = hashlib.sha256(source.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + compiler.encode()
+                         + _cpu_signature().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autodeco" / "kernels"
-    target = cache / f"nucleus-{key}.so"
+    target = cache / f"{stem}-{key}.so"
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build beside the target, then rename: atomic
         built = Path(tmp) / target.name
         for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-            command = [compiler, "-O3", *arch, "-fopenmp-simd", "-fno-trapping-math", "-std=c++17", "-shared",
-                       "-fPIC", "-pthread", str(source), "-o", str(built)]
+            command = [compiler, "-O3", *arch, "-fopenmp-simd", "-fno-trapping-math", *flags, "-std=c++17",
+                       "-shared", "-fPIC", "-pthread", str(source), "-o", str(built)]
             if subprocess.run(command, capture_output=True).returncode == 0:
                 os.replace(built, target)
                 return target

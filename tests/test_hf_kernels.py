@@ -1,7 +1,8 @@
 """The transformers backend's CPU kernels (harness.backends.hf_kernels): each computes what the plain
 path computes — grouped attention = eager attention with repeated keys/values, the reused-buffer KV
-cache = DynamicCache, packed linears = F.linear (bf16 exactly, fp32 to rounding), the inverse-CDF sampler draws by the probabilities
-— and the backend with all of them on gives the plain backend's completions on real SmolLM2."""
+cache = DynamicCache, packed linears = F.linear (bf16 exactly, fp32 to rounding), the native fp32
+RMSNorm / rotary / SiLU·up = torch's (rotary bit for bit), the inverse-CDF sampler draws by the
+probabilities — and the backend with all of them on gives the plain backend's completions on real SmolLM2."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.cache_utils import DynamicCache
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 from harness.backends import BackendError, Request, get_backend
 from harness.backends.hf_kernels import (
@@ -20,9 +25,11 @@ from harness.backends.hf_kernels import (
     AppendedInPlaceCache,
     ReusedBuffersCache,
     grouped_attention,
+    native_elementwise,
     pack_linears,
     packed_supported,
     sample_rows,
+    use_native_elementwise,
 )
 from harness.bench.nucleus import GOAL, ratio_interval
 from harness.decoding import get_preset
@@ -30,6 +37,7 @@ from harness.decoding import get_preset
 needs_packed_bf16 = pytest.mark.skipif(not packed_supported(torch.bfloat16),
                                        reason="this CPU has no oneDNN packed bf16 linear (AVX2 only)")
 needs_packed_fp32 = pytest.mark.skipif(not packed_supported(torch.float32), reason="torch without oneDNN")
+needs_native = pytest.mark.skipif(native_elementwise() is None, reason="no C++ compiler for hf_native.cpp")
 # Packed fp32 sums in another order than aten's matmul: outputs agree to float32 rounding (SmolLM2's
 # logits measured 7e-5 apart at magnitude ~20); bf16 rounds both to the same value.
 PACKED_TOLERANCE = {torch.bfloat16: {"rtol": 0, "atol": 0}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
@@ -138,6 +146,105 @@ def test_packed_model_gives_the_plain_models_logits(family, dtype):
     assert torch.equal(attention.k_proj(x), reference.k_proj(x))
 
 
+@needs_native
+def test_native_passes_compute_what_torch_computes():
+    """rms_norm = LlamaRMSNorm (float32 rounding: its sum runs in another order), rotary on the query
+    and key heads of one fused row = apply_rotary_pos_emb bit for bit (the same products and sums),
+    silu_mul = F.silu(gate) * up to float32 rounding, extreme gates included."""
+    lib = native_elementwise()
+    torch.manual_seed(5)
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.rand(96) + 0.5
+    x = torch.randn(7, 96) * 3
+    out = torch.empty_like(x)
+    lib.rms_norm(x.data_ptr(), 7, 96, 96, norm.weight.data_ptr(), 1e-5, out.data_ptr(), 96)
+    torch.testing.assert_close(out, norm(x), rtol=2e-6, atol=1e-6)
+
+    batch, seq, q_heads, kv_heads, head_dim = 2, 3, 4, 2, 16
+    qkv = torch.randn(batch, seq, (q_heads + 2 * kv_heads) * head_dim)
+    angles = torch.rand(batch, seq, head_dim // 2) * 6.0
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    q, k, _ = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    want_q, want_k = apply_rotary_pos_emb(q.reshape(batch, seq, q_heads, head_dim).transpose(1, 2),
+                                          k.reshape(batch, seq, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    value = qkv[..., (q_heads + kv_heads) * head_dim:].clone()
+    lib.rotary(qkv.data_ptr(), batch, seq, qkv.shape[-1], q_heads + kv_heads, head_dim, cos.data_ptr(),
+               sin.data_ptr(), seq * head_dim, head_dim)
+    got_q, got_k, got_v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    assert torch.equal(got_q.reshape(batch, seq, q_heads, head_dim).transpose(1, 2), want_q)
+    assert torch.equal(got_k.reshape(batch, seq, kv_heads, head_dim).transpose(1, 2), want_k)
+    assert torch.equal(got_v, value)  # the value heads are left alone
+    shared = qkv.clone()  # one row of positions for the whole batch (batch stride 0)
+    want_q, _ = apply_rotary_pos_emb(shared[..., :q_heads * head_dim].reshape(batch, seq, q_heads, head_dim)
+                                     .transpose(1, 2), want_k, cos[:1], sin[:1])
+    lib.rotary(shared.data_ptr(), batch, seq, qkv.shape[-1], q_heads, head_dim, cos.data_ptr(), sin.data_ptr(), 0,
+               head_dim)
+    assert torch.equal(shared[..., :q_heads * head_dim].reshape(batch, seq, q_heads, head_dim).transpose(1, 2), want_q)
+
+    gate_up = torch.randn(5, 2 * 40) * 4
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    hidden = torch.empty(5, 40)
+    lib.silu_mul(gate_up.data_ptr(), 5, 80, 40, hidden.data_ptr(), 40)
+    torch.testing.assert_close(hidden, torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:],
+                               rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+@needs_packed_fp32
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_native_model_gives_the_plain_models_logits(family):
+    """Packed linears + the native passes on a small random fp32 Llama (norms, MLPs and attentions
+    swapped) / Qwen2 (norms and MLPs: its attention is not one whose forward the native one
+    replicates) give the plain model's logits to float32 rounding and its greedy tokens."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(6)
+    kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    config = kind(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    fast = AutoModelForCausalLM.from_config(config).eval()
+    fast.load_state_dict(plain.state_dict())
+    pack_linears(fast)
+    assert use_native_elementwise(fast) == {"llama": 2 * 4 + 1, "qwen2": 2 * 3 + 1}[family]
+    ids = torch.randint(0, 300, (3, 9))
+    with torch.inference_mode():
+        want = plain.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+        got = fast.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 4, 64)  # with autograd on, a swapped module runs its own forward: its weight gets a gradient
+    norm = fast.model.layers[0].input_layernorm
+    assert norm.forward.__func__ is not norm.torch_forward.__func__
+    norm(x).sum().backward()
+    assert norm.weight.grad is not None
+
+
+@needs_native
+@needs_packed_fp32
+def test_native_swap_leaves_other_math_alone():
+    """A module is swapped only where the native pass computes its forward: an RMSNorm scaling by
+    1 + weight (Gemma's), a gated MLP with GELU, and bf16 modules keep their own forwards."""
+    from transformers import AutoModelForCausalLM
+
+    class OffsetRMSNorm(LlamaRMSNorm):
+        def forward(self, x):
+            return super().forward(x) / self.weight * (1.0 + self.weight)
+
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.model.norm = OffsetRMSNorm(32)
+    model.model.norm.weight.data = torch.rand(32) + 0.5
+    pack_linears(model)
+    assert use_native_elementwise(model) == 3  # the layer's two norms and its attention
+    assert "torch_forward" not in vars(model.model.norm) and "torch_forward" not in vars(model.model.layers[0].mlp)
+    bf16 = torch.nn.Sequential(LlamaRMSNorm(32).to(torch.bfloat16))
+    assert use_native_elementwise(bf16) == 0
+
+
 def test_sample_rows_draws_by_the_probabilities():
     """Frequencies within 5 standard errors of the probabilities, zero-mass tokens (in the middle
     and at the end) never drawn, unnormalised rows accepted, and each row's draw depends only on
@@ -187,6 +294,13 @@ def test_hf_linear_option_is_checked(smollm2_path):
     fp32 = get_backend("hf", str(smollm2_path), dtype="float32")  # auto: packed where oneDNN runs fp32
     assert fp32.packed_linears == (211 if packed_supported(torch.float32) else 0)  # 30 layers x 7 + lm_head
     assert get_backend("hf", str(smollm2_path), dtype="float32", linear="plain").packed_linears == 0
+    with pytest.raises(BackendError, match="unknown elementwise 'fused'"):
+        get_backend("hf", str(smollm2_path), elementwise="fused")
+    if native_elementwise() is not None and packed_supported(torch.float32):  # 61 norms, 30 MLPs, 30 attentions
+        assert fp32.native_modules == 121
+        assert get_backend("hf", str(smollm2_path), dtype="float32", elementwise="torch").native_modules == 0
+    with pytest.raises(BackendError, match="elementwise=native: no module was swapped"):
+        get_backend("hf", str(smollm2_path), dtype="bfloat16", elementwise="native")
     if not packed_supported(torch.bfloat16):  # an AVX2-only CPU: auto stays plain, asking for packed is an error
         assert get_backend("hf", str(smollm2_path), dtype="bfloat16").packed_linears == 0
         with pytest.raises(BackendError, match="no oneDNN packed bfloat16 linear"):
@@ -221,6 +335,35 @@ def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp
         if a.temperatures is not None:
             assert a.temperatures == pytest.approx(b.temperatures, abs=2e-2)
             assert a.top_ps == pytest.approx(b.top_ps, abs=2e-2)
+
+
+@pytest.mark.slow
+@needs_native
+@needs_packed_fp32
+def test_fast_fp32_backend_gives_the_plain_backends_completions(smollm2_path, tmp_path):
+    """fp32 SmolLM2 with AutoDeco heads (an AVX2-only CPU's auto dtype): packed linears + native
+    RMSNorm / rotary / SiLU·up + in-place cache against plain linears, torch's elementwise ops and
+    a dynamic cache: the same greedy and sampled completions, T / P traces to float32 rounding."""
+    from heads.checkpoint import construct
+
+    heads = construct(str(smollm2_path), tmp_path / "ad", seed=3)
+    fast = get_backend("hf", str(heads), dtype="float32")
+    plain = get_backend("hf", str(heads), dtype="float32", cache="dynamic", linear="plain", elementwise="torch")
+    assert (fast.native_modules, fast.cache, plain.native_modules) == (121, "inplace", 0)
+    tok = fast.tokenizer
+    questions = ["What is 12 + 30?", "Write one sentence about rain."]
+    requests = [Request(key=f"t/{i}/{preset}", preset=get_preset(preset), seed=1, n=3, max_tokens=32,
+                        prompt=tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True))
+                for i, q in enumerate(questions) for preset in ("greedy", "default", "autodeco")]
+    got = {name: sorted(b.generate(requests), key=lambda c: (c.key, c.sample_index))
+           for name, b in (("fast", fast), ("plain", plain))}
+    assert len(got["fast"]) == 18
+    for a, b in zip(got["fast"], got["plain"], strict=True):
+        assert (a.key, a.token_ids, a.finish_reason) == (b.key, b.token_ids, b.finish_reason)
+        if a.temperatures is not None:
+            assert a.temperatures == pytest.approx(b.temperatures, abs=1e-4)
+            assert a.top_ps == pytest.approx(b.top_ps, abs=1e-4)
 
 
 def test_bench_nucleus_verdict_needs_the_whole_interval():

@@ -13,7 +13,9 @@ model type has plain eager attention, else eager for bf16 on CPU, else transform
 sdpa), ``cache`` (auto on CPU = ``inplace`` with sdpa attention, ``reused`` with eager ones; ``dynamic``
 elsewhere; ``static`` = transformers' pre-allocated KV cache where it supports the model),
 ``linear`` (auto = ``packed`` on CPU: oneDNN-packed weights, bf16 where the CPU runs oneDNN's
-packed bf16 linear, fp32 wherever torch has oneDNN; else ``plain``), ``max_batch_size``, ``device``. What each CPU choice replaces and
+packed bf16 linear, fp32 wherever torch has oneDNN; else ``plain``), ``elementwise`` (auto = ``native``
+for fp32 on CPU: compiled RMSNorm, rotary and SiLU·up passes where they compute a module's forward;
+else ``torch``), ``max_batch_size``, ``device``. What each CPU choice replaces and
 why is in ``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
 threads, decode ms per step): bf16 + eager 71-107, bf16 + sdpa ~150 (torch's bf16 SDPA kernel is
 slow here), fp32 + sdpa ~145; grouped-eager 60-66, + reused cache 57-59, + packed linears 51;
@@ -48,6 +50,7 @@ from harness.backends.hf_kernels import (
     packed_supported,
     register_grouped_attention,
     sample_rows,
+    use_native_elementwise,
 )
 from harness.decoding import DecodingPreset
 from harness.models import is_autodeco, read_config
@@ -55,6 +58,7 @@ from harness.models import is_autodeco, read_config
 CACHES = ("auto", "static", "dynamic", "reused", "inplace")  # --backend-arg cache=...
 ATTENTIONS = ("auto", "eager", "sdpa", GROUPED)  # --backend-arg attention=...
 LINEARS = ("auto", "packed", "plain")  # --backend-arg linear=...
+ELEMENTWISE = ("auto", "native", "torch")  # --backend-arg elementwise=...
 
 
 class RowSampler:
@@ -97,7 +101,8 @@ class HFBackend(Backend):
     name = "hf"
 
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None, max_batch_size: int = 64,
-                 cache: str = "auto", attention: str = "auto", linear: str = "auto", base: str | None = None):
+                 cache: str = "auto", attention: str = "auto", linear: str = "auto", elementwise: str = "auto",
+                 base: str | None = None):
         """``base``: load a heads-only AutoDeco folder on this base instead of its config's
         ``base_model_name_or_path`` (e.g. a published checkpoint whose config names an internal path)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,6 +116,8 @@ class HFBackend(Backend):
             raise BackendError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTIONS)}")
         if linear not in LINEARS:
             raise BackendError(f"unknown linear {linear!r}; choose from {', '.join(LINEARS)}")
+        if elementwise not in ELEMENTWISE:
+            raise BackendError(f"unknown elementwise {elementwise!r}; choose from {', '.join(ELEMENTWISE)}")
         config = read_config(self.model_path)
         self.is_autodeco = is_autodeco(config)
         torch_dtype = resolve_torch_dtype(dtype, self.device.type)  # auto: bf16 where the CPU has it natively
@@ -147,6 +154,13 @@ class HFBackend(Backend):
                                f"on this {self.device.type} (bf16 needs a CPU with avx512bw/vl/dq or "
                                "avx_ne_convert; fp32 a torch build with oneDNN); use linear=plain")
         self.packed_linears = pack_linears(self.llm) if linear == "packed" else 0
+        # Native RMSNorm / rotary / SiLU·up passes for float32 on CPU (measured faster there).
+        self.native_modules = (use_native_elementwise(self.llm) if elementwise == "native" or (
+            elementwise == "auto" and self.device.type == "cpu" and torch_dtype == torch.float32) else 0)
+        if elementwise == "native" and not self.native_modules:
+            raise BackendError("elementwise=native: no module was swapped (the passes are float32 on CPU and need "
+                               "a C++ compiler; the MLP and attention passes also linear=packed); use "
+                               "elementwise=torch")
 
     def cache_implementation(self) -> str | None:
         """``"static"`` (a KV cache allocated once, written in place) when asked for and transformers
