@@ -405,15 +405,26 @@ def test_bench_nucleus_times_the_backends_own_path(tmp_path):
 @pytest.mark.slow
 def test_decode_against_the_bound_runs_the_backends_generate(smollm2_path):
     """bench backends' fixed-shape decode on hf: exactly the asked tokens through the backend's own
-    generate (no EOS), a bound from the measured bandwidth, and the fraction between them."""
+    generate (no EOS), a bound from the bandwidth, and the fraction between them; per repeat, against
+    the bandwidth read just before it, the median repeat on top and the interval over the repeats."""
     from harness.bench.engine import decode_vs_bound
 
     backend = get_backend("hf", str(smollm2_path))
     prompt = backend.tokenizer("The rain in Spain", add_special_tokens=False).input_ids
-    got = decode_vs_bound(backend, prompt, batch=2, tokens=4, bandwidth=20e9)
+    got = decode_vs_bound(backend, prompt, batch=2, tokens=4, bandwidth=20e9, repeats=3)
     assert got["dtype"] == str(backend.llm.dtype).removeprefix("torch.") and got["new_tokens"] == 4
     assert got["seconds_all_tokens"] > got["seconds_one_token"]
     assert 0 < got["seconds_decode_steps"] < got["seconds_all_tokens"]  # hf: the steps alone, no prefill
     assert got["tokens_per_second"] == pytest.approx(2 * 3 / got["seconds_decode_steps"])
     assert got["bound_tokens_per_second"] == pytest.approx(2 * 20e9 / got["bytes_per_step"])
     assert got["fraction_of_bound"] == pytest.approx(got["tokens_per_second"] / got["bound_tokens_per_second"])
+    fractions = sorted(r["fraction_of_bound"] for r in got["repeats"])
+    assert len(fractions) == 3 and got["fraction_of_bound"] == fractions[1]
+    low, high = got["fraction_ci"]
+    assert low < got["fraction_mean"] < high and fractions[0] <= got["fraction_mean"] <= fractions[2]
+    measured = decode_vs_bound(backend, prompt, batch=2, tokens=4, repeats=2)  # the bandwidth read before each
+    reads = [r["read_bandwidth_bytes_per_second"] for r in measured["repeats"]]
+    assert len(reads) == 2 and all(read > 1e8 for read in reads)
+    for r in measured["repeats"]:
+        assert r["bound_tokens_per_second"] == pytest.approx(2 * r["read_bandwidth_bytes_per_second"]
+                                                             / measured["bytes_per_step"])

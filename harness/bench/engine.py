@@ -5,11 +5,13 @@
 - backends: generated tokens per second of each backend on the same requests; then each engine's
   decode at a fixed batch (no EOS, prefill excluded) against the memory-bandwidth bound: a decode
   step reads every weight and the KV cache once, so tokens/s <= batch x read bandwidth / bytes per
-  step, with the bandwidth measured here (a large ``torch.sum``).
+  step, with the bandwidth measured here (a large ``torch.sum``) just before each of
+  ``--decode-repeats`` decodes, and the fraction's interval over them.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import tempfile
@@ -23,6 +25,7 @@ from harness.bench import write_result
 from harness.decoding import parse_spec
 from harness.models import model_name_for, resolve_model
 from harness.runner import RunSpec, build_requests, evaluate, plan
+from harness.stats import mean_estimate
 from tasks import load_tasks
 
 
@@ -119,7 +122,8 @@ def backends(args) -> int:
         rows[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
         print(f"{name:>6}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} tok/s", file=sys.stderr)
         prompt = backend.tokenizer(requests[0].prompt, add_special_tokens=False).input_ids
-        rows[name]["decode"] = decode_vs_bound(backend, prompt, args.decode_batch, args.decode_tokens, bandwidth)
+        rows[name]["decode"] = decode_vs_bound(backend, prompt, args.decode_batch, args.decode_tokens,
+                                               repeats=args.decode_repeats)
         backend.close()
     names = list(rows)
     result = {"bench": "backends", "model": spec.model_name, "task": args.task, "samples": args.samples,
@@ -133,12 +137,16 @@ def backends(args) -> int:
         result["ratio"] = ratio
         print(f"  {names[0]} / {names[1]} = {ratio:.2f}")
     print(f"decode at batch {args.decode_batch} ({args.decode_tokens} tokens, no EOS, prefill excluded) "
-          f"against the bandwidth bound ({bandwidth / 1e9:.1f} GB/s read):")
+          f"against the bandwidth bound, {args.decode_repeats} repeats, the read bandwidth measured before each "
+          "(the median repeat; the fraction's geometric mean and 95% interval over the repeats):")
     for name, row in rows.items():
         d = row["decode"]
+        interval = (f" [{d['fraction_ci'][0]:.3f}, {d['fraction_ci'][1]:.3f}]" if d["fraction_ci"] else "")
+        reads = ", ".join(f"{r['read_bandwidth_bytes_per_second'] / 1e9:.1f}" for r in d["repeats"])
         print(f"  {name:>6} {d['dtype']:>8}: {d['tokens_per_second']:.1f} tok/s; bound {d['bound_tokens_per_second']:.1f} "
               f"tok/s ({d['bytes_per_step'] / 1e6:.0f} MB read per step: weights {d['weight_bytes'] / 1e6:.0f} MB + "
-              f"KV cache {d['kv_bytes_per_step'] / 1e6:.0f} MB); fraction {d['fraction_of_bound']:.3f}")
+              f"KV cache {d['kv_bytes_per_step'] / 1e6:.0f} MB; read {reads} GB/s); fraction "
+              f"{d['fraction_of_bound']:.3f}, mean {d['fraction_mean']:.3f}{interval}")
     write_result(args.out, "bench_backends.json", result)
     return 0
 
@@ -178,27 +186,42 @@ def model_weight_bytes(model, element: int | None = None) -> int:
     return total
 
 
-def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwidth: float) -> dict:
+def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwidth: float | None = None,
+                    repeats: int = 3) -> dict:
     """A fixed-shape decode (``batch`` copies of ``prompt``, exactly ``tokens`` new tokens, default
-    sampling) on the backend's own engine: decode tok/s = batch x (tokens - 1) / the decode steps'
-    time. hf times the steps themselves (from the first forward's end to the last's); vllm, whose
-    steps run in its engine, as t(tokens) - t(1), which carries the prefill's run-to-run noise."""
+    sampling) on the backend's own engine, ``repeats`` times: decode tok/s = batch x (tokens - 1) /
+    the decode steps' time. hf times the steps themselves (from the first forward's end to the
+    last's); vllm, whose steps run in its engine, as t(tokens) - t(1), which carries the prefill's
+    run-to-run noise. Each repeat is set against the bound from the read bandwidth measured just
+    before it (``bandwidth`` fixes it instead): on a shared host both drift, by tens of percent
+    within minutes, so a fraction is only meaningful against a bandwidth of the same moment. The
+    top-level fields are the median repeat's; ``fraction_mean`` / ``fraction_ci`` are the geometric
+    mean of the per-repeat fractions and its 95% t interval (None with one repeat)."""
     if backend.name == "vllm":
         run, weight_bytes, dtype, config = _vllm_decode(backend, prompt, batch)
     else:
         run, weight_bytes, dtype, config = _hf_decode(backend, prompt, batch)
     run(2)  # warm-up
     one = min(run(1)[0] for _ in range(2))
-    full, steps = min((run(tokens) for _ in range(2)), key=lambda r: r[0] if r[1] is None else r[1])  # faster decode
-    decode_seconds = steps if steps is not None else full - one
-    tps = batch * (tokens - 1) / max(decode_seconds, 1e-9)
     element = torch.finfo(getattr(torch, dtype)).bits // 8
     weights, kv = decode_bytes(config, weight_bytes, element, batch, len(prompt) + tokens / 2)
-    bound = batch * bandwidth / (weights + kv)
+    runs = []
+    for _ in range(repeats):
+        read = bandwidth if bandwidth is not None else read_bandwidth(gib=0.5, repeats=3)
+        full, steps = run(tokens)
+        decode_seconds = steps if steps is not None else full - one
+        tps = batch * (tokens - 1) / max(decode_seconds, 1e-9)
+        bound = batch * read / (weights + kv)
+        runs.append({"read_bandwidth_bytes_per_second": read, "seconds_all_tokens": full,
+                     "seconds_decode_steps": decode_seconds, "tokens_per_second": tps,
+                     "bound_tokens_per_second": bound, "fraction_of_bound": tps / bound})
+    median = sorted(runs, key=lambda r: r["fraction_of_bound"])[(len(runs) - 1) // 2]
+    estimate = mean_estimate([math.log(r["fraction_of_bound"]) for r in runs])
+    interval = [math.exp(estimate.ci_low), math.exp(estimate.ci_high)] if len(runs) > 1 else None
     return {"batch": batch, "new_tokens": tokens, "prompt_tokens": len(prompt), "dtype": dtype,
-            "seconds_one_token": one, "seconds_all_tokens": full, "seconds_decode_steps": decode_seconds,
-            "tokens_per_second": tps, "weight_bytes": weights, "kv_bytes_per_step": kv,
-            "bytes_per_step": weights + kv, "bound_tokens_per_second": bound, "fraction_of_bound": tps / bound}
+            "seconds_one_token": one, **median, "weight_bytes": weights, "kv_bytes_per_step": kv,
+            "bytes_per_step": weights + kv, "repeats": runs, "fraction_mean": math.exp(estimate.mean),
+            "fraction_ci": interval}
 
 
 def _hf_decode(backend, prompt: list[int], batch: int):

@@ -188,7 +188,9 @@ def _engine(bench_subparsers) -> None:
         "backends", help="throughput of vllm vs hf on the same requests, and decode vs the memory-bandwidth bound",
         description="Tokens/s of each backend on the same eval requests; then each engine decodes a fixed batch "
         "(no EOS, prefill excluded) and is compared with the bound batch x read bandwidth / bytes per step "
-        "(weights + KV cache), the bandwidth measured on this machine. Prints the bound and the fraction reached.")
+        "(weights + KV cache), the bandwidth measured on this machine just before each repeat (on a shared host "
+        "it drifts by tens of percent within minutes). Prints the bound and the fraction reached, with the "
+        "fraction's 95%% interval over the repeats.")
     _engine_common(b, samples=16, max_tokens=64)
     b.add_argument("--backends", type=_backend_names, default="vllm,hf",
                    help="comma-separated backends (default vllm,hf)")
@@ -198,6 +200,9 @@ def _engine(bench_subparsers) -> None:
                    help="rows of the fixed-shape decode (default 16)")
     b.add_argument("--decode-tokens", type=int_at_least(1, MAX_TOKENS), default=64,
                    help="new tokens of the fixed-shape decode (default 64)")
+    b.add_argument("--decode-repeats", type=int_at_least(1, 100), default=3,
+                   help="fixed-shape decodes per engine, each against the read bandwidth measured just before "
+                        "it (default 3; the median is printed with the 95%% interval of the fraction)")
     b.set_defaults(func=_run("engine:backends"), backend="hf")
 
 
