@@ -391,10 +391,12 @@ def _agrees(module: nn.Module, kind: str, native) -> bool:
     return mine.shape == theirs.shape and bool(((mine - theirs).abs().max() <= 1e-5 * scale).item())
 
 
-def _native_ok(*tensors: torch.Tensor) -> bool:
-    """Native only without autograd (the passes record no graph) and on contiguous fp32 CPU input."""
-    return not torch.is_grad_enabled() and all(
-        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+def _native_ok(x: torch.Tensor, *more: torch.Tensor) -> bool:
+    """Native only without autograd (the passes record no graph) and on contiguous fp32 CPU input
+    (checked once per call, ~100 calls a step: kept to plain attribute reads)."""
+    if torch.is_grad_enabled() or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():
+        return False
+    return all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in more)
 
 
 def _native_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
