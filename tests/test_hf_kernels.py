@@ -189,14 +189,29 @@ def test_native_passes_compute_what_torch_computes():
                                rtol=1e-6, atol=1e-7)
 
 
+class CountingLibrary:
+    """native_elementwise()'s library, counting the native calls made through it."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, 0
+
+    def __getattr__(self, name):
+        self.calls += 1
+        return getattr(self.lib, name)
+
+
 @needs_native
 @needs_packed_fp32
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_native_model_gives_the_plain_models_logits(family):
+def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     """Packed linears + the native passes on a small random fp32 Llama (norms, MLPs and attentions
     swapped) / Qwen2 (norms and MLPs: its attention is not one whose forward the native one
-    replicates) give the plain model's logits to float32 rounding and its greedy tokens."""
+    replicates) give the plain model's logits to float32 rounding and its greedy tokens, through
+    the native calls (counted); swapping again changes nothing, and a norm whose weight is no
+    longer float32 runs its own forward."""
     from transformers import AutoModelForCausalLM, Qwen2Config
+
+    import harness.backends.hf_kernels as kernels
 
     torch.manual_seed(6)
     kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
@@ -207,10 +222,14 @@ def test_native_model_gives_the_plain_models_logits(family):
     fast.load_state_dict(plain.state_dict())
     pack_linears(fast)
     assert use_native_elementwise(fast) == {"llama": 2 * 4 + 1, "qwen2": 2 * 3 + 1}[family]
+    assert use_native_elementwise(fast) == 0  # already swapped: left as they are
+    counting = CountingLibrary(native_elementwise())
+    monkeypatch.setattr(kernels, "native_elementwise", lambda: counting)
     ids = torch.randint(0, 300, (3, 9))
     with torch.inference_mode():
         want = plain.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
         got = fast.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+    assert counting.calls == 5 * {"llama": 2 * 4 + 1, "qwen2": 2 * 3 + 1}[family]  # every swapped module, every step
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -219,6 +238,11 @@ def test_native_model_gives_the_plain_models_logits(family):
     assert norm.forward.__func__ is not norm.torch_forward.__func__
     norm(x).sum().backward()
     assert norm.weight.grad is not None
+    norm.to(torch.bfloat16)
+    calls = counting.calls
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), norm.torch_forward(x))
+    assert counting.calls == calls
 
 
 @needs_native

@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.models.llama.modeling_llama import LlamaAttention
 
 GROUPED = "grouped-eager"
 # Model types whose eager attention is plain softmax(q k^T * scaling + mask) v (no soft-capping,
@@ -302,7 +303,7 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 NATIVE_SOURCE = Path(__file__).with_name("hf_native.cpp")
 NATIVE_FLAGS = ("-ffp-contract=off",)  # the rotary's products and sums exactly as torch rounds them
-NATIVE_ATTENTIONS = frozenset({"LlamaAttention"})  # whose forward _native_attention_forward replicates
+NATIVE_ATTENTIONS = (LlamaAttention,)  # the classes (exactly) whose forward _native_attention_forward replicates
 
 
 @functools.cache
@@ -329,23 +330,21 @@ def native_elementwise():
 def use_native_elementwise(model: nn.Module) -> int:
     """Swap in the native passes for ``model``'s float32 CPU modules of three kinds: RMSNorms
     (``weight`` and ``variance_epsilon``), gated MLPs served by ``pack_linears``, and attentions of
-    ``NATIVE_ATTENTIONS`` whose q / k / v ``pack_linears`` fused. Each module type is swapped only
-    if, on random inputs, the native forward gives its own forward's outputs (to float32
-    rounding); a module that later sees gradients, another dtype or strided input runs its own
-    forward. Returns how many modules were swapped (0 where nothing compiles)."""
+    the classes in ``NATIVE_ATTENTIONS`` whose q / k / v ``pack_linears`` fused. Each module is
+    swapped only if, on random inputs, the native forward gives its own forward's outputs (to
+    float32 rounding); a module that later sees gradients, another dtype or strided input runs its
+    own forward. Modules swapped before are left as they are. Returns how many modules were
+    swapped now (0 where nothing compiles)."""
     lib = native_elementwise()
     if lib is None:
         return 0
-    agrees: dict[tuple[type, str], bool] = {}
     swapped = 0
     for module in model.modules():
         kind = _native_kind(module)
-        if kind is None:
+        if kind is None or "torch_forward" in vars(module):
             continue
         native = _NATIVE_FORWARDS[kind].__get__(module)
-        if (type(module), kind) not in agrees:
-            agrees[type(module), kind] = _agrees(module, kind, native)
-        if agrees[type(module), kind]:
+        if _agrees(module, kind, native):
             module.torch_forward = module.forward
             module.forward = native
             swapped += 1
@@ -362,7 +361,7 @@ def _native_kind(module: nn.Module) -> str | None:
     if packed is not None and packed.dtype == torch.float32 and module.gate_proj.weight.device.type == "cpu":
         return "mlp"
     q_proj = getattr(module, "q_proj", None)
-    if (type(module).__name__ in NATIVE_ATTENTIONS and getattr(q_proj, "packed_qkv", None) is not None
+    if (type(module) in NATIVE_ATTENTIONS and getattr(q_proj, "packed_qkv", None) is not None
             and q_proj.packed_qkv.dtype == torch.float32 and q_proj.qkv_sizes[1] % module.head_dim == 0):
         return "attention"
     return None
@@ -401,7 +400,7 @@ def _native_ok(x: torch.Tensor, *more: torch.Tensor) -> bool:
 
 def _native_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, one pass per row."""
-    if not _native_ok(x):
+    if not _native_ok(x, self.weight):
         return self.torch_forward(x)
     out, dim = torch.empty_like(x), x.shape[-1]
     native_elementwise().rms_norm(x.data_ptr(), x.numel() // dim, dim, dim, self.weight.data_ptr(),
@@ -432,11 +431,12 @@ def _native_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     if not _native_ok(hidden_states) or hidden_states.dim() != 3:
         return self.torch_forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
     q_proj = self.q_proj
-    qkv = torch.ops.mkldnn._linear_pointwise(hidden_states, q_proj.packed_qkv, q_proj.qkv_bias, "none", [None], "")
+    qkv = torch.ops.mkldnn._linear_pointwise(hidden_states, q_proj.packed_qkv, q_proj.qkv_bias, "none", [None],
+                                             "").contiguous()  # a fresh output: contiguous already
     (batch, seq), width = hidden_states.shape[:-1], qkv.shape[-1]
     cos, sin = position_embeddings  # [batch or 1, seq, head_dim], the same for every layer
-    if cos.shape != sin.shape or cos.shape[-2:] != (seq, self.head_dim) or cos.shape[0] not in (1, batch) \
-            or not _native_ok(cos, sin):
+    if cos.dim() != 3 or cos.shape != sin.shape or cos.shape[1:] != (seq, self.head_dim) \
+            or cos.shape[0] not in (1, batch) or not _native_ok(cos, sin):
         cos, sin = (t.float().expand(batch, seq, self.head_dim).contiguous() for t in (cos, sin))
     rotated = (q_proj.qkv_sizes[0] + q_proj.qkv_sizes[1]) // self.head_dim
     native_elementwise().rotary(qkv.data_ptr(), batch, seq, width, rotated, self.head_dim, cos.data_ptr(),

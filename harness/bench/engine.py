@@ -110,8 +110,9 @@ def backends(args) -> int:
     tasks, spec = _setup(args, args.samples)
     options = parse_options(args.backend_arg)
     bandwidth = read_bandwidth()
-    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 1 GiB, "
-          f"{torch.get_num_threads()} threads)", file=sys.stderr)
+    print(f"memory read bandwidth at the start: {bandwidth / 1e9:.1f} GB/s (best of 5 sums over 1 GiB, "
+          f"{torch.get_num_threads()} threads; the decode bounds use the same reading taken before each repeat)",
+          file=sys.stderr)
     rows = {}
     for name in args.backends.split(","):
         backend = get_backend(name, spec.model_path, **options)
@@ -196,7 +197,11 @@ def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwid
     before it (``bandwidth`` fixes it instead): on a shared host both drift, by tens of percent
     within minutes, so a fraction is only meaningful against a bandwidth of the same moment. The
     top-level fields are the median repeat's; ``fraction_mean`` / ``fraction_ci`` are the geometric
-    mean of the per-repeat fractions and its 95% t interval (None with one repeat)."""
+    mean of the per-repeat fractions and its 95% t interval (None with one repeat; repeats in a row
+    on a drifting host are not independent, so the interval is a lower estimate of the noise). With
+    an even number of repeats the median is the lower of the two middle ones."""
+    if tokens < 2:
+        raise ValueError(f"a decode needs at least 2 new tokens (the first comes from the prefill), got {tokens}")
     if backend.name == "vllm":
         run, weight_bytes, dtype, config = _vllm_decode(backend, prompt, batch)
     else:
@@ -207,7 +212,7 @@ def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwid
     weights, kv = decode_bytes(config, weight_bytes, element, batch, len(prompt) + tokens / 2)
     runs = []
     for _ in range(repeats):
-        read = bandwidth if bandwidth is not None else read_bandwidth(gib=0.5, repeats=3)
+        read = bandwidth if bandwidth is not None else read_bandwidth()
         full, steps = run(tokens)
         decode_seconds = steps if steps is not None else full - one
         tps = batch * (tokens - 1) / max(decode_seconds, 1e-9)

@@ -171,7 +171,7 @@ def _precision(bench_subparsers) -> None:
     p.add_argument("--limit", type=int_at_least(1, MAX_PROBLEMS), default=16, help="problems for the accuracy check (default 16, as the demo)")
     p.add_argument("--max-tokens", type=int_at_least(1, MAX_TOKENS), default=128, help="greedy budget per problem (default 128)")
     p.add_argument("--batch", type=int_at_least(1, 4096), default=16, help="rows of the decode measurement (default 16)")
-    p.add_argument("--new-tokens", type=int_at_least(1, MAX_TOKENS), default=64, help="tokens of the decode measurement (default 64)")
+    p.add_argument("--new-tokens", type=int_at_least(2, MAX_TOKENS), default=64, help="tokens of the decode measurement (default 64)")
     p.add_argument("--out", help="write bench_precision.json into this folder")
     p.set_defaults(func=_run("precision:run"))
 
@@ -190,7 +190,7 @@ def _engine(bench_subparsers) -> None:
         "(no EOS, prefill excluded) and is compared with the bound batch x read bandwidth / bytes per step "
         "(weights + KV cache), the bandwidth measured on this machine just before each repeat (on a shared host "
         "it drifts by tens of percent within minutes). Prints the bound and the fraction reached, with the "
-        "fraction's 95%% interval over the repeats.")
+        "fraction's 95% interval over the repeats.")
     _engine_common(b, samples=16, max_tokens=64)
     b.add_argument("--backends", type=_backend_names, default="vllm,hf",
                    help="comma-separated backends (default vllm,hf)")
@@ -198,7 +198,7 @@ def _engine(bench_subparsers) -> None:
                    help="passed to every backend, e.g. dtype=float32 or cache=dynamic (repeatable)")
     b.add_argument("--decode-batch", type=int_at_least(1, 4096), default=16,
                    help="rows of the fixed-shape decode (default 16)")
-    b.add_argument("--decode-tokens", type=int_at_least(1, MAX_TOKENS), default=64,
+    b.add_argument("--decode-tokens", type=int_at_least(2, MAX_TOKENS), default=64,
                    help="new tokens of the fixed-shape decode (default 64)")
     b.add_argument("--decode-repeats", type=int_at_least(1, 100), default=3,
                    help="fixed-shape decodes per engine, each against the read bandwidth measured just before "
