@@ -426,27 +426,46 @@ def test_bench_nucleus_times_the_backends_own_path(tmp_path):
     assert row["autodeco_ms"] > row["nucleus_ms"] > 0  # the whole AutoDeco step holds the nucleus
 
 
+def test_matmul_throughput_times_the_packed_linear():
+    """The compute bound's rate: FLOP/s of a batch-rows linear, more rows doing more work per
+    weight read (a batch of 16 measured 6x a single row's rate here)."""
+    from harness.bench.engine import matmul_throughput
+
+    one, sixteen = (matmul_throughput(torch.float32, batch, size=256, calls=50) for batch in (1, 16))
+    assert 1e8 < one < sixteen < 1e14
+
+
 @pytest.mark.slow
 def test_decode_against_the_bound_runs_the_backends_generate(smollm2_path):
     """bench backends' fixed-shape decode on hf: exactly the asked tokens through the backend's own
     generate (no EOS), a bound from the bandwidth, and the fraction between them; per repeat, against
-    the bandwidth read just before it, the median repeat on top and the interval over the repeats."""
+    the bandwidth read just before it, the median repeat on top and the interval over the repeats;
+    the compute bound from a given matmul rate."""
     from harness.bench.engine import decode_vs_bound
 
     backend = get_backend("hf", str(smollm2_path))
     prompt = backend.tokenizer("The rain in Spain", add_special_tokens=False).input_ids
-    got = decode_vs_bound(backend, prompt, batch=2, tokens=4, bandwidth=20e9, repeats=3)
+    got = decode_vs_bound(backend, prompt, batch=2, tokens=4, bandwidth=20e9, repeats=3,
+                          compute=lambda dtype, batch: 1e11)
     assert got["dtype"] == str(backend.llm.dtype).removeprefix("torch.") and got["new_tokens"] == 4
     assert got["seconds_all_tokens"] > got["seconds_one_token"]
     assert 0 < got["seconds_decode_steps"] < got["seconds_all_tokens"]  # hf: the steps alone, no prefill
     assert got["tokens_per_second"] == pytest.approx(2 * 3 / got["seconds_decode_steps"])
     assert got["bound_tokens_per_second"] == pytest.approx(2 * 20e9 / got["bytes_per_step"])
     assert got["fraction_of_bound"] == pytest.approx(got["tokens_per_second"] / got["bound_tokens_per_second"])
+    config = backend.llm.config  # the compute bound: 2 x batch x weights + attention over the mean context
+    flops = 2 * 2 * got["weight_bytes"] / 4 + 4 * 2 * config.num_hidden_layers * config.num_attention_heads * (
+        config.hidden_size // config.num_attention_heads) * (len(prompt) + 2)
+    assert got["dtype"] != "float32" or got["flops_per_step"] == pytest.approx(flops)
+    assert got["compute_bound_tokens_per_second"] == pytest.approx(2 * 1e11 / got["flops_per_step"])
+    assert got["fraction_of_compute_bound"] == pytest.approx(got["tokens_per_second"]
+                                                             / got["compute_bound_tokens_per_second"])
     fractions = sorted(r["fraction_of_bound"] for r in got["repeats"])
     assert len(fractions) == 3 and got["fraction_of_bound"] == fractions[1]
     low, high = got["fraction_ci"]
     assert low < got["fraction_mean"] < high and fractions[0] <= got["fraction_mean"] <= fractions[2]
     measured = decode_vs_bound(backend, prompt, batch=2, tokens=4, repeats=2)  # the bandwidth read before each
+    assert "compute_bound_tokens_per_second" not in measured
     reads = [r["read_bandwidth_bytes_per_second"] for r in measured["repeats"]]
     assert len(reads) == 2 and all(read > 1e8 for read in reads)
     for r in measured["repeats"]:

@@ -6,7 +6,9 @@
   decode at a fixed batch (no EOS, prefill excluded) against the memory-bandwidth bound: a decode
   step reads every weight and the KV cache once, so tokens/s <= batch x read bandwidth / bytes per
   step, with the bandwidth measured here (a large ``torch.sum``) just before each of
-  ``--decode-repeats`` decodes, and the fraction's interval over them.
+  ``--decode-repeats`` decodes, and the fraction's interval over them; beside it the compute bound,
+  the step's FLOPs at torch's matmul rate at that batch (on a CPU without fast fp32 / bf16
+  arithmetic it is the lower of the two).
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def backends(args) -> int:
         print(f"{name:>6}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:.1f} tok/s", file=sys.stderr)
         prompt = backend.tokenizer(requests[0].prompt, add_special_tokens=False).input_ids
         rows[name]["decode"] = decode_vs_bound(backend, prompt, args.decode_batch, args.decode_tokens,
-                                               repeats=args.decode_repeats)
+                                               repeats=args.decode_repeats, compute=matmul_throughput)
         backend.close()
     names = list(rows)
     result = {"bench": "backends", "model": spec.model_name, "task": args.task, "samples": args.samples,
@@ -148,6 +150,10 @@ def backends(args) -> int:
               f"tok/s ({d['bytes_per_step'] / 1e6:.0f} MB read per step: weights {d['weight_bytes'] / 1e6:.0f} MB + "
               f"KV cache {d['kv_bytes_per_step'] / 1e6:.0f} MB; read {reads} GB/s); fraction "
               f"{d['fraction_of_bound']:.3f}, mean {d['fraction_mean']:.3f}{interval}")
+        print(f"  {'':>6} {'':>8}  compute bound {d['compute_bound_tokens_per_second']:.1f} tok/s "
+              f"({d['flops_per_step'] / 1e9:.2f} GFLOP per step at {d['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s, "
+              f"torch's {d['dtype']} matmul at batch {d['batch']} with its weight in cache); fraction "
+              f"{d['fraction_of_compute_bound']:.3f}")
     write_result(args.out, "bench_backends.json", result)
     return 0
 
@@ -188,7 +194,7 @@ def model_weight_bytes(model, element: int | None = None) -> int:
 
 
 def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwidth: float | None = None,
-                    repeats: int = 3) -> dict:
+                    repeats: int = 3, compute=None) -> dict:
     """A fixed-shape decode (``batch`` copies of ``prompt``, exactly ``tokens`` new tokens, default
     sampling) on the backend's own engine, ``repeats`` times: decode tok/s = batch x (tokens - 1) /
     the decode steps' time. hf times the steps themselves (from the first forward's end to the
@@ -199,7 +205,11 @@ def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwid
     top-level fields are the median repeat's; ``fraction_mean`` / ``fraction_ci`` are the geometric
     mean of the per-repeat fractions and its 95% t interval (None with one repeat; repeats in a row
     on a drifting host are not independent, so the interval is a lower estimate of the noise). With
-    an even number of repeats the median is the lower of the two middle ones."""
+    an even number of repeats the median is the lower of the two middle ones. ``compute`` (a
+    function of (dtype, batch) giving matmul FLOP/s, e.g. ``matmul_throughput``) adds the compute
+    bound: a step's FLOPs (2 x batch x the weights read, + attention's 4 x batch x layers x heads x
+    head_dim x context) at that rate; where it is lower than the bandwidth bound, the CPU cannot
+    reach the bandwidth bound at this batch."""
     if tokens < 2:
         raise ValueError(f"a decode needs at least 2 new tokens (the first comes from the prefill), got {tokens}")
     if backend.name == "vllm":
@@ -223,10 +233,43 @@ def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwid
     median = sorted(runs, key=lambda r: r["fraction_of_bound"])[(len(runs) - 1) // 2]
     estimate = mean_estimate([math.log(r["fraction_of_bound"]) for r in runs])
     interval = [math.exp(estimate.ci_low), math.exp(estimate.ci_high)] if len(runs) > 1 else None
-    return {"batch": batch, "new_tokens": tokens, "prompt_tokens": len(prompt), "dtype": dtype,
-            "seconds_one_token": one, **median, "weight_bytes": weights, "kv_bytes_per_step": kv,
-            "bytes_per_step": weights + kv, "repeats": runs, "fraction_mean": math.exp(estimate.mean),
-            "fraction_ci": interval}
+    out = {"batch": batch, "new_tokens": tokens, "prompt_tokens": len(prompt), "dtype": dtype,
+           "seconds_one_token": one, **median, "weight_bytes": weights, "kv_bytes_per_step": kv,
+           "bytes_per_step": weights + kv, "repeats": runs, "fraction_mean": math.exp(estimate.mean),
+           "fraction_ci": interval}
+    if compute is not None:
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        flops = 2 * batch * weights / element + 4 * batch * text.num_hidden_layers * heads * head_dim * (
+            len(prompt) + tokens / 2)
+        rate = compute(getattr(torch, dtype), batch)
+        out.update(flops_per_step=flops, matmul_flops_per_second=rate,
+                   compute_bound_tokens_per_second=batch * rate / flops,
+                   fraction_of_compute_bound=median["tokens_per_second"] * flops / (batch * rate))
+    return out
+
+
+def matmul_throughput(dtype: torch.dtype, batch: int, size: int = 1024, calls: int = 100) -> float:
+    """FLOP/s of torch's fastest CPU linear at ``batch`` rows (oneDNN-packed where this CPU runs it
+    for ``dtype``, as the hf backend's ``linear=auto``; else aten's) on a ``size`` x ``size`` weight
+    that stays in cache: what a decode step's linear layers can reach at that batch when memory is
+    not what limits them (best of 5 timings of ``calls`` calls)."""
+    from harness.backends.hf_kernels import pack_linears
+
+    with torch.no_grad():
+        linear = torch.nn.Linear(size, size, bias=False).to(dtype)
+        pack_linears(linear)
+        x = torch.randn(batch, size).to(dtype)
+        for _ in range(10):
+            linear(x)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                linear(x)
+            best = min(best, time.perf_counter() - start)
+    return 2 * batch * size * size * calls / best
 
 
 def _hf_decode(backend, prompt: list[int], batch: int):

@@ -190,7 +190,8 @@ def _engine(bench_subparsers) -> None:
         "(no EOS, prefill excluded) and is compared with the bound batch x read bandwidth / bytes per step "
         "(weights + KV cache), the bandwidth measured on this machine just before each repeat (on a shared host "
         "it drifts by tens of percent within minutes). Prints the bound and the fraction reached, with the "
-        "fraction's 95% interval over the repeats.")
+        "fraction's 95% interval over the repeats; and the compute bound (the step's FLOPs at torch's matmul rate at that "
+        "batch, its weight in cache), which is the lower one where the CPU cannot stream weights as fast as it reads.")
     _engine_common(b, samples=16, max_tokens=64)
     b.add_argument("--backends", type=_backend_names, default="vllm,hf",
                    help="comma-separated backends (default vllm,hf)")
