@@ -18,6 +18,8 @@ per-problem differences carry far less noise than two independent intervals.
 - ``proportion_estimate(k, n)``: a share of n independent units (steering's consistency: the
   prompts that moved as commanded) with its Wilson 95% interval and the two-sided exact binomial
   (sign) test against 1/2, i.e. against chance.
+- ``geometric_estimate(values)``: for timings' ratios (benchmarks): the geometric mean and the t
+  interval of the logs, exponentiated.
 - ``seed_std(per_seed)``: the paper's ± column — the population std (ddof=0) of per-seed Pass@1,
   as the official evaluation script computes it.
 
@@ -97,6 +99,14 @@ def mean_estimate(values: Sequence[float]) -> Estimate:
     """The mean of independent measurements with its 95% t interval and the t-test of mean = 0
     (e.g. paired timing differences: overhead estimates that say when they are noise)."""
     return _t_estimate(list(values), with_p=True)
+
+
+def geometric_estimate(values: Sequence[float]) -> tuple[float, list[float] | None]:
+    """The geometric mean of positive measurements whose noise is multiplicative (ratios, shares of
+    a bound) and its 95% t interval, taken on their logs; None for the interval with one value."""
+    estimate = _t_estimate([math.log(v) for v in values], with_p=False)
+    interval = [math.exp(estimate.ci_low), math.exp(estimate.ci_high)] if estimate.n > 1 else None
+    return math.exp(estimate.mean), interval
 
 
 def pass1_estimate(per_doc: Mapping[str, Sequence[bool] | float]) -> Estimate:

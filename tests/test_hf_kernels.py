@@ -356,6 +356,18 @@ def test_hf_linear_option_is_checked(smollm2_path):
             get_backend("hf", str(smollm2_path), dtype="bfloat16", linear="packed")
 
 
+def completions_of_both(fast, plain, questions: list[str], max_tokens: int) -> dict:
+    """Each backend's completions of the same chat requests (greedy, default and autodeco; 3 seeded
+    samples per question), in one order: {"fast": [...], "plain": [...]}."""
+    tok = fast.tokenizer
+    requests = [Request(key=f"t/{i}/{preset}", preset=get_preset(preset), seed=1, n=3, max_tokens=max_tokens,
+                        prompt=tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True))
+                for i, q in enumerate(questions) for preset in ("greedy", "default", "autodeco")]
+    return {name: sorted(b.generate(requests), key=lambda c: (c.key, c.sample_index))
+            for name, b in (("fast", fast), ("plain", plain))}
+
+
 @pytest.mark.slow
 def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp_path):
     """bf16 SmolLM2 with AutoDeco heads: grouped attention + reused cache + packed linears against
@@ -370,14 +382,8 @@ def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp
     assert fast.packed_linears == (211 if packed_supported(torch.bfloat16) else 0)  # SmolLM2: 30 layers x 7 + lm_head
     assert plain.packed_linears == 0
     assert all(p.dtype == torch.float32 for p in fast.model.temp_head.parameters())
-    tok = fast.tokenizer
     questions = ["What is 12 + 30?", "Write one sentence about rain.", "Name three colours."]
-    requests = [Request(key=f"t/{i}/{preset}", preset=get_preset(preset), seed=1, n=3, max_tokens=40,
-                        prompt=tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                       add_generation_prompt=True))
-                for i, q in enumerate(questions) for preset in ("greedy", "default", "autodeco")]
-    got = {name: sorted(b.generate(requests), key=lambda c: (c.key, c.sample_index))
-           for name, b in (("fast", fast), ("plain", plain))}
+    got = completions_of_both(fast, plain, questions, max_tokens=40)
     assert len(got["fast"]) == 27
     for a, b in zip(got["fast"], got["plain"], strict=True):
         assert (a.key, a.token_ids, a.finish_reason) == (b.key, b.token_ids, b.finish_reason)
@@ -402,14 +408,7 @@ def test_fast_fp32_backend_gives_the_plain_backends_completions(smollm2_path, tm
     fast = get_backend("hf", str(heads), dtype="float32")
     plain = get_backend("hf", str(heads), dtype="float32", cache="dynamic", linear="plain", elementwise="torch")
     assert (fast.native_modules, fast.cache, plain.native_modules) == (121, "inplace", 0)
-    tok = fast.tokenizer
-    questions = ["What is 12 + 30?", "Write one sentence about rain."]
-    requests = [Request(key=f"t/{i}/{preset}", preset=get_preset(preset), seed=1, n=3, max_tokens=32,
-                        prompt=tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                       add_generation_prompt=True))
-                for i, q in enumerate(questions) for preset in ("greedy", "default", "autodeco")]
-    got = {name: sorted(b.generate(requests), key=lambda c: (c.key, c.sample_index))
-           for name, b in (("fast", fast), ("plain", plain))}
+    got = completions_of_both(fast, plain, ["What is 12 + 30?", "Write one sentence about rain."], max_tokens=32)
     assert len(got["fast"]) == 18
     identical_sampled = 0
     for a, b in zip(got["fast"], got["plain"], strict=True):

@@ -316,12 +316,12 @@ def native_elementwise():
     """The compiled passes (ctypes.CDLL with typed signatures), or None where no compiler builds them."""
     from heads.nucleus import _build_native
 
-    try:
+    try:  # an unwritable cache or an unloadable library: no native passes
         path = _build_native(NATIVE_SOURCE, stem="hf", flags=NATIVE_FLAGS)
-        lib = ctypes.CDLL(str(path)) if path else None
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
     except OSError:
-        return None
-    if lib is None:
         return None
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.rms_norm.argtypes = [ptr, i64, i64, i64, ptr, f32, ptr, i64]

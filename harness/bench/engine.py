@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from harness.bench import write_result
 from harness.decoding import parse_spec
 from harness.models import model_name_for, resolve_model
 from harness.runner import RunSpec, build_requests, evaluate, plan
-from harness.stats import mean_estimate
+from harness.stats import geometric_estimate
 from tasks import load_tasks
 
 
@@ -173,12 +172,17 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def decode_bytes(config, weight_bytes: int, kv_element: int, batch: int, context: float) -> tuple[float, float]:
     """(weight bytes, KV-cache bytes) one decode step reads at ``batch`` rows of ``context`` tokens."""
+    layers, _, kv_heads, head_dim = _attention_shape(config)
+    kv = 2 * layers * kv_heads * head_dim * context * batch * kv_element
+    return float(weight_bytes), float(kv)
+
+
+def _attention_shape(config) -> tuple[int, int, int, int]:
+    """(layers, query heads, key-value heads, head dim) of a model config (its text part)."""
     text = config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    kv = 2 * text.num_hidden_layers * kv_heads * head_dim * context * batch * kv_element
-    return float(weight_bytes), float(kv)
+    return text.num_hidden_layers, heads, getattr(text, "num_key_value_heads", None) or heads, head_dim
 
 
 def model_weight_bytes(model, element: int | None = None) -> int:
@@ -231,18 +235,13 @@ def decode_vs_bound(backend, prompt: list[int], batch: int, tokens: int, bandwid
                      "seconds_decode_steps": decode_seconds, "tokens_per_second": tps,
                      "bound_tokens_per_second": bound, "fraction_of_bound": tps / bound})
     median = sorted(runs, key=lambda r: r["fraction_of_bound"])[(len(runs) - 1) // 2]
-    estimate = mean_estimate([math.log(r["fraction_of_bound"]) for r in runs])
-    interval = [math.exp(estimate.ci_low), math.exp(estimate.ci_high)] if len(runs) > 1 else None
+    mean, interval = geometric_estimate([r["fraction_of_bound"] for r in runs])
     out = {"batch": batch, "new_tokens": tokens, "prompt_tokens": len(prompt), "dtype": dtype,
            "seconds_one_token": one, **median, "weight_bytes": weights, "kv_bytes_per_step": kv,
-           "bytes_per_step": weights + kv, "repeats": runs, "fraction_mean": math.exp(estimate.mean),
-           "fraction_ci": interval}
+           "bytes_per_step": weights + kv, "repeats": runs, "fraction_mean": mean, "fraction_ci": interval}
     if compute is not None:
-        text = config.get_text_config()
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        flops = 2 * batch * weights / element + 4 * batch * text.num_hidden_layers * heads * head_dim * (
-            len(prompt) + tokens / 2)
+        layers, heads, _, head_dim = _attention_shape(config)
+        flops = 2 * batch * weights / element + 4 * batch * layers * heads * head_dim * (len(prompt) + tokens / 2)
         rate = compute(getattr(torch, dtype), batch)
         out.update(flops_per_step=flops, matmul_flops_per_second=rate,
                    compute_bound_tokens_per_second=batch * rate / flops,

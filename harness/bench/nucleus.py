@@ -42,7 +42,7 @@ import torch
 
 from harness.bench import natural_rows, write_result
 from harness.core.errors import UserError
-from harness.stats import mean_estimate
+from harness.stats import geometric_estimate
 
 GOAL = 1.01
 VERDICTS = ("meets", "misses", "undecided")
@@ -52,12 +52,10 @@ def ratio_interval(ratios: list[float]) -> dict:
     """The geometric mean of per-repeat ratios and its 95% t interval (on their logs: a ratio's
     noise is multiplicative), and the verdict against `GOAL`; one repeat gives no interval (None)
     and no verdict but undecided."""
-    estimate = mean_estimate([math.log(r) for r in ratios])
-    if estimate.n < 2:
-        return {"ratio_mean": math.exp(estimate.mean), "ratio_ci": None, "verdict": "undecided"}
-    low, high = math.exp(estimate.ci_low), math.exp(estimate.ci_high)
-    verdict = "meets" if high <= GOAL else "misses" if low > GOAL else "undecided"
-    return {"ratio_mean": math.exp(estimate.mean), "ratio_ci": [low, high], "verdict": verdict}
+    mean, interval = geometric_estimate(ratios)
+    verdict = ("undecided" if interval is None else "meets" if interval[1] <= GOAL
+               else "misses" if interval[0] > GOAL else "undecided")
+    return {"ratio_mean": mean, "ratio_ci": interval, "verdict": verdict}
 
 
 def force_heads(model, top_p: float, temperature: float = 1.0) -> None:
