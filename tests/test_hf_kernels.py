@@ -26,6 +26,7 @@ from harness.backends.hf_kernels import (
     ReusedBuffersCache,
     grouped_attention,
     native_elementwise,
+    native_linear_available,
     pack_linears,
     packed_supported,
     sample_rows,
@@ -200,6 +201,28 @@ class CountingLibrary:
         return getattr(self.lib, name)
 
 
+@pytest.mark.skipif(not native_linear_available(), reason="no C++ compiler, or a CPU without AVX2 and FMA")
+@pytest.mark.parametrize("rows,n,k", [(1, 7, 8), (6, 10, 64), (16, 33, 96), (13, 2, 1536)])
+def test_native_linear_equals_float64(rows, n, k):
+    """x w^T + b for every remainder of the 6-row and 2-weight-row tiles (1, 6, 16 = 6 + 6 + 4, 13 rows;
+    odd weight rows), into a column slice of a wider output with the other columns untouched, to
+    float32 rounding; without a bias; and a K that is not a multiple of 8 refused with nothing written."""
+    lib = native_elementwise()
+    generator = torch.Generator().manual_seed(rows * n)
+    x, w, b = (torch.randn(*shape, generator=generator) for shape in ((rows, k), (n, k), (n,)))
+    out = torch.full((rows, n + 5), 7.0)
+    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, b.data_ptr(), out[:, 3:].data_ptr(), n + 5, 2) == 0
+    torch.testing.assert_close(out[:, 3:3 + n], (x.double() @ w.double().T + b.double()).float(), rtol=1e-5,
+                               atol=1e-5 * k ** 0.5)
+    assert (out[:, :3] == 7.0).all() and (out[:, 3 + n:] == 7.0).all()
+    plain = torch.empty(rows, n)
+    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, None, plain.data_ptr(), n, 1) == 0
+    torch.testing.assert_close(plain, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-5 * k ** 0.5)
+    out.fill_(7.0)
+    assert lib.linear_rows(x.data_ptr(), rows, k - 1, w.data_ptr(), n, None, out.data_ptr(), n + 5, 1) == -1
+    assert (out == 7.0).all()
+
+
 @needs_native
 @pytest.mark.parametrize("groups,dim,length", [(3, 64, 37), (1, 16, 8), (4, 24, 5)])
 def test_native_decode_attention_equals_sdpa(groups, dim, length):
@@ -245,7 +268,11 @@ def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     fast = AutoModelForCausalLM.from_config(config).eval()
     fast.load_state_dict(plain.state_dict())
     pack_linears(fast)
-    assert use_native_elementwise(fast) == {"llama": 2 * 4 + 1, "qwen2": 2 * 3 + 1}[family]
+    # per layer: 2 norms, the MLP, Llama's attention, and (native linear) o_proj and down_proj; the final
+    # norm and (native linear) lm_head
+    linear = native_linear_available()
+    per_layer = {"llama": 4, "qwen2": 3}[family] + 2 * linear
+    assert use_native_elementwise(fast) == 2 * per_layer + 1 + linear
     assert use_native_elementwise(fast) == 0  # already swapped: left as they are
     counting = CountingLibrary(native_elementwise())
     monkeypatch.setattr(kernels, "native_elementwise", lambda: counting)
@@ -253,8 +280,11 @@ def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     with torch.inference_mode():
         want = plain.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
         got = fast.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
-    # every swapped module at every forward (a prefill and 4 steps), and Llama's decode attention at each step
-    assert counting.calls == {"llama": 5 * (2 * 4 + 1) + 4 * 2, "qwen2": 5 * (2 * 3 + 1)}[family]
+    # every swapped norm / MLP / attention at every forward (a prefill and 4 steps), Llama's decode attention at
+    # each step; the native linears at the 4 decode steps only (3 rows; the prefill's 27 go to oneDNN): q, k, v
+    # (Llama), gate, up, o_proj, down_proj per layer and lm_head
+    elementwise = {"llama": 5 * (2 * 4 + 1) + 4 * 2, "qwen2": 5 * (2 * 3 + 1)}[family]
+    assert counting.calls == elementwise + linear * 4 * (2 * {"llama": 7, "qwen2": 4}[family] + 1)
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -288,7 +318,8 @@ def test_native_swap_leaves_other_math_alone():
     model.model.norm = OffsetRMSNorm(32)
     model.model.norm.weight.data = torch.rand(32) + 0.5
     pack_linears(model)
-    assert use_native_elementwise(model) == 3  # the layer's two norms and its attention
+    # the layer's two norms and its attention (and with the native linear o_proj, down_proj and lm_head)
+    assert use_native_elementwise(model) == 3 + 3 * native_linear_available()
     assert "torch_forward" not in vars(model.model.norm) and "torch_forward" not in vars(model.model.layers[0].mlp)
     bf16 = torch.nn.Sequential(LlamaRMSNorm(32).to(torch.bfloat16))
     assert use_native_elementwise(bf16) == 0
@@ -345,8 +376,9 @@ def test_hf_linear_option_is_checked(smollm2_path):
     assert get_backend("hf", str(smollm2_path), dtype="float32", linear="plain").packed_linears == 0
     with pytest.raises(BackendError, match="unknown elementwise 'fused'"):
         get_backend("hf", str(smollm2_path), elementwise="fused")
-    if native_elementwise() is not None and packed_supported(torch.float32):  # 61 norms, 30 MLPs, 30 attentions
-        assert fp32.native_modules == 121
+    if native_elementwise() is not None and packed_supported(torch.float32):
+        # 61 norms, 30 MLPs, 30 attentions; with the native linear also 30 o_proj, 30 down_proj and lm_head
+        assert fp32.native_modules == (182 if native_linear_available() else 121)
         assert get_backend("hf", str(smollm2_path), dtype="float32", elementwise="torch").native_modules == 0
     with pytest.raises(BackendError, match="elementwise=native: no module was swapped"):
         get_backend("hf", str(smollm2_path), dtype="bfloat16", elementwise="native")
@@ -407,7 +439,8 @@ def test_fast_fp32_backend_gives_the_plain_backends_completions(smollm2_path, tm
     heads = construct(str(smollm2_path), tmp_path / "ad", seed=3)
     fast = get_backend("hf", str(heads), dtype="float32")
     plain = get_backend("hf", str(heads), dtype="float32", cache="dynamic", linear="plain", elementwise="torch")
-    assert (fast.native_modules, fast.cache, plain.native_modules) == (121, "inplace", 0)
+    assert (fast.native_modules, fast.cache, plain.native_modules) == (182 if native_linear_available() else 121,
+                                                                       "inplace", 0)
     got = completions_of_both(fast, plain, ["What is 12 + 30?", "Write one sentence about rain."], max_tokens=32)
     assert len(got["fast"]) == 18
     identical_sampled = 0

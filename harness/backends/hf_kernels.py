@@ -309,6 +309,9 @@ NATIVE_SOURCE = Path(__file__).with_name("hf_native.cpp")
 NATIVE_FLAGS = ("-ffp-contract=off", "-fopenmp")  # the rotary's products and sums as torch rounds them;
 # the attention's threads from the OpenMP runtime torch has loaded (libgomp), none started per call
 NATIVE_ATTENTIONS = (LlamaAttention,)  # the classes (exactly) whose forward _native_attention_forward replicates
+NATIVE_LINEAR_ROWS = 16  # at most this many rows (a decode step's batch) go to the native linear, more to oneDNN:
+# against oneDNN's packed fp32 kernel over a SmolLM2 step's linears (2 threads, AVX2) 0.61-0.67 of its time at
+# 1-7 rows, 0.89 at 16, 1.03 at 24, 1.34 at 64 (oneDNN reuses each weight tile across more rows)
 
 
 @functools.cache
@@ -332,13 +335,28 @@ def native_elementwise():
     lib.decode_attention.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64,
                                      i64, f32, ctypes.c_int32]
     lib.decode_attention.restype = ctypes.c_int32
+    lib.linear_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int32]
+    lib.linear_rows.restype = ctypes.c_int32
     return lib
 
 
+@functools.cache
+def native_linear_available() -> bool:
+    """Whether the compiled library has its decode linear (built with AVX2 and FMA): one 1 x 8 probe."""
+    lib = native_elementwise()
+    if lib is None:
+        return False
+    x, out = torch.ones(1, 8), torch.zeros(1, 1)
+    return lib.linear_rows(x.data_ptr(), 1, 8, x.data_ptr(), 1, None, out.data_ptr(), 1, 1) == 0 and out.item() == 8.0
+
+
 def use_native_elementwise(model: nn.Module) -> int:
-    """Swap in the native passes for ``model``'s float32 CPU modules of three kinds: RMSNorms
-    (``weight`` and ``variance_epsilon``), gated MLPs served by ``pack_linears``, and attentions of
-    the classes in ``NATIVE_ATTENTIONS`` whose q / k / v ``pack_linears`` fused. Each module is
+    """Swap in the native passes for ``model``'s float32 CPU modules of four kinds: RMSNorms
+    (``weight`` and ``variance_epsilon``), gated MLPs served by ``pack_linears``, attentions of
+    the classes in ``NATIVE_ATTENTIONS`` whose q / k / v ``pack_linears`` fused, and the linears it
+    packed on their own (o_proj, down_proj, lm_head), whose decode steps (at most
+    ``NATIVE_LINEAR_ROWS`` rows) then run the native linear on the module's own row-major weight
+    (the fused q / k / v and gate / up matmuls too, one call per part). Each module is
     swapped only if, on random inputs, the native forward gives its own forward's outputs (to
     float32 rounding); a module that later sees gradients, another dtype or strided input runs its
     own forward. Modules swapped before are left as they are. Returns how many modules were
@@ -368,6 +386,10 @@ def _native_kind(module: nn.Module) -> str | None:
     packed = getattr(module, "packed_gate_up", None)
     if packed is not None and packed.dtype == torch.float32 and module.gate_proj.weight.device.type == "cpu":
         return "mlp"
+    if (isinstance(module, nn.Linear) and getattr(module, "packed_weight", None) is not None
+            and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+            and module.in_features % 8 == 0 and native_linear_available()):
+        return "linear"
     q_proj = getattr(module, "q_proj", None)
     if (type(module) in NATIVE_ATTENTIONS and getattr(q_proj, "packed_qkv", None) is not None
             and q_proj.packed_qkv.dtype == torch.float32 and q_proj.qkv_sizes[1] % module.head_dim == 0):
@@ -383,6 +405,8 @@ def _agrees(module: nn.Module, kind: str, native) -> bool:
         args = (torch.randn(2, 3, module.weight.shape[0], generator=generator),)
     elif kind == "mlp":
         args = (torch.randn(2, 3, module.gate_proj.in_features, generator=generator),)
+    elif kind == "linear":
+        args = (torch.randn(2, 3, module.in_features, generator=generator),)
     else:
         head_dim = module.head_dim
         angles = torch.rand(2, 3, head_dim // 2, generator=generator) * 6.0
@@ -420,7 +444,9 @@ def _native_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fused gate / up matmul, SiLU(gate) * up in one pass, then down_proj."""
     if not _native_ok(x):
         return self.torch_forward(x)
-    gate_up = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate_up, None, "none", [None], "")
+    gate_up = _native_linear(x, (self.gate_proj, self.up_proj))
+    if gate_up is None:
+        gate_up = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate_up, None, "none", [None], "")
     width = gate_up.shape[-1]
     hidden = gate_up.new_empty((*gate_up.shape[:-1], width // 2))
     native_elementwise().silu_mul(gate_up.data_ptr(), gate_up.numel() // width, width, width // 2,
@@ -440,8 +466,10 @@ def _native_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     if not _native_ok(hidden_states) or hidden_states.dim() != 3:
         return self.torch_forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
     q_proj = self.q_proj
-    qkv = torch.ops.mkldnn._linear_pointwise(hidden_states, q_proj.packed_qkv, q_proj.qkv_bias, "none", [None],
-                                             "").contiguous()  # a fresh output: contiguous already
+    qkv = _native_linear(hidden_states, (q_proj, self.k_proj, self.v_proj))
+    if qkv is None:
+        qkv = torch.ops.mkldnn._linear_pointwise(hidden_states, q_proj.packed_qkv, q_proj.qkv_bias, "none", [None],
+                                                 "").contiguous()  # a fresh output: contiguous already
     (batch, seq), width = hidden_states.shape[:-1], qkv.shape[-1]
     cos, sin = position_embeddings  # [batch or 1, seq, head_dim], the same for every layer
     if cos.dim() != 3 or cos.shape != sin.shape or cos.shape[1:] != (seq, self.head_dim) \
@@ -466,6 +494,35 @@ def _native_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     return self.o_proj(out.reshape(*lead, -1).contiguous()), weights
 
 
+def _native_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear packed on its own: the native linear at a decode step's few rows, else its packed forward."""
+    out = _native_linear(x, (self,)) if _native_ok(x) else None
+    return self.torch_forward(x) if out is None else out
+
+
+def _native_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
+    """x [..., K] (contiguous float32) through ``linears`` side by side (their outputs concatenated on
+    the last dimension: q / k / v, gate / up), each from its own row-major weight; None where x has
+    more than ``NATIVE_LINEAR_ROWS`` rows, K is not a multiple of 8 or a weight is not a contiguous
+    float32 CPU tensor (the caller then runs oneDNN's packed matmul)."""
+    width = x.shape[-1]
+    rows = x.numel() // width
+    if rows > NATIVE_LINEAR_ROWS or width % 8 or not native_linear_available():
+        return None
+    parts = [(linear.weight, linear.bias) for linear in linears]
+    if not all(w.shape[1] == width and _native_ok(w, *([] if b is None else [b])) for w, b in parts):
+        return None
+    total = sum(w.shape[0] for w, _ in parts)
+    out = x.new_empty((*x.shape[:-1], total))
+    lib, threads, offset = native_elementwise(), torch.get_num_threads(), 0
+    for weight, bias in parts:
+        if lib.linear_rows(x.data_ptr(), rows, width, weight.data_ptr(), weight.shape[0],
+                           None if bias is None else bias.data_ptr(), out.data_ptr() + 4 * offset, total, threads):
+            return None
+        offset += weight.shape[0]
+    return out
+
+
 def _native_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              scaling: float) -> torch.Tensor | None:
     """softmax(q k^T * scaling) v for one query position per row with no mask (query [B, H, 1, d],
@@ -480,7 +537,8 @@ def _native_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return out if code == 0 else None
 
 
-_NATIVE_FORWARDS = {"norm": _native_norm_forward, "mlp": _native_mlp_forward, "attention": _native_attention_forward}
+_NATIVE_FORWARDS = {"norm": _native_norm_forward, "mlp": _native_mlp_forward, "attention": _native_attention_forward,
+                    "linear": _native_linear_forward}
 
 
 def sample_rows(probs: torch.Tensor, generators: list[torch.Generator], block: int = 64) -> torch.Tensor:
