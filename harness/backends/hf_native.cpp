@@ -257,7 +257,8 @@ inline void linear_tile(const float* x, int64_t K, const float* w, const float* 
         for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
-            const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+            __m256 xv = _mm256_loadu_ps(x + i * K + k);
+            asm("" : "+x"(xv));  // one load into a register for its NR uses (GCC would fold it into each FMA)
 #pragma GCC unroll 8
             for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
         }
