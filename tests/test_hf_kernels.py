@@ -206,20 +206,25 @@ class CountingLibrary:
 def test_native_linear_equals_float64(rows, n, k):
     """x w^T + b for every remainder of the 6-row and 2-weight-row tiles (1, 6, 16 = 6 + 6 + 4, 13 rows;
     odd weight rows), into a column slice of a wider output with the other columns untouched, to
-    float32 rounding; without a bias; and a K that is not a multiple of 8 refused with nothing written."""
+    float32 rounding; without a bias; added to what the output holds; and a K that is not a multiple of 8 refused with nothing written."""
     lib = native_elementwise()
     generator = torch.Generator().manual_seed(rows * n)
     x, w, b = (torch.randn(*shape, generator=generator) for shape in ((rows, k), (n, k), (n,)))
     out = torch.full((rows, n + 5), 7.0)
-    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, b.data_ptr(), out[:, 3:].data_ptr(), n + 5, 2) == 0
+    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, b.data_ptr(), out[:, 3:].data_ptr(), n + 5, 0, 2) == 0
     torch.testing.assert_close(out[:, 3:3 + n], (x.double() @ w.double().T + b.double()).float(), rtol=1e-5,
                                atol=1e-5 * k ** 0.5)
     assert (out[:, :3] == 7.0).all() and (out[:, 3 + n:] == 7.0).all()
     plain = torch.empty(rows, n)
-    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, None, plain.data_ptr(), n, 1) == 0
+    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, None, plain.data_ptr(), n, 0, 1) == 0
     torch.testing.assert_close(plain, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-5 * k ** 0.5)
+    residual = torch.randn(rows, n, generator=generator)
+    summed = residual.clone()  # accumulate: out += x w^T
+    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, None, summed.data_ptr(), n, 1, 2) == 0
+    torch.testing.assert_close(summed, (residual.double() + x.double() @ w.double().T).float(), rtol=1e-5,
+                               atol=1e-5 * k ** 0.5)
     out.fill_(7.0)
-    assert lib.linear_rows(x.data_ptr(), rows, k - 1, w.data_ptr(), n, None, out.data_ptr(), n + 5, 1) == -1
+    assert lib.linear_rows(x.data_ptr(), rows, k - 1, w.data_ptr(), n, None, out.data_ptr(), n + 5, 0, 1) == -1
     assert (out == 7.0).all()
 
 
@@ -268,14 +273,19 @@ def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     fast = AutoModelForCausalLM.from_config(config).eval()
     fast.load_state_dict(plain.state_dict())
     pack_linears(fast)
-    # per layer: 2 norms, the MLP, Llama's attention, and (native linear) o_proj and down_proj; the final
-    # norm and (native linear) lm_head
+    # per layer: 2 norms, the MLP, Llama's attention, and (native linear) o_proj and down_proj, then (Llama,
+    # native linear) the whole layer; the final norm and (native linear) lm_head
     linear = native_linear_available()
-    per_layer = {"llama": 4, "qwen2": 3}[family] + 2 * linear
+    per_layer = {"llama": 4, "qwen2": 3}[family] + (2 + (family == "llama")) * linear
     assert use_native_elementwise(fast) == 2 * per_layer + 1 + linear
     assert use_native_elementwise(fast) == 0  # already swapped: left as they are
     counting = CountingLibrary(native_elementwise())
     monkeypatch.setattr(kernels, "native_elementwise", lambda: counting)
+    own_layer_calls = []  # a fused layer runs its own forward at the prefill (27 rows) only
+    for layer in fast.model.layers:
+        if "torch_forward" in vars(layer):
+            own = layer.torch_forward
+            layer.torch_forward = lambda *a, own=own, **k: own_layer_calls.append(1) or own(*a, **k)
     ids = torch.randint(0, 300, (3, 9))
     with torch.inference_mode():
         want = plain.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True, return_dict_in_generate=True)
@@ -285,6 +295,7 @@ def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     # (Llama), gate, up, o_proj, down_proj per layer and lm_head
     elementwise = {"llama": 5 * (2 * 4 + 1) + 4 * 2, "qwen2": 5 * (2 * 3 + 1)}[family]
     assert counting.calls == elementwise + linear * 4 * (2 * {"llama": 7, "qwen2": 4}[family] + 1)
+    assert len(own_layer_calls) == (2 if family == "llama" and linear else 0)
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -377,8 +388,9 @@ def test_hf_linear_option_is_checked(smollm2_path):
     with pytest.raises(BackendError, match="unknown elementwise 'fused'"):
         get_backend("hf", str(smollm2_path), elementwise="fused")
     if native_elementwise() is not None and packed_supported(torch.float32):
-        # 61 norms, 30 MLPs, 30 attentions; with the native linear also 30 o_proj, 30 down_proj and lm_head
-        assert fp32.native_modules == (182 if native_linear_available() else 121)
+        # 61 norms, 30 MLPs, 30 attentions; with the native linear also 30 o_proj, 30 down_proj, lm_head and
+        # the 30 decoder layers
+        assert fp32.native_modules == (212 if native_linear_available() else 121)
         assert get_backend("hf", str(smollm2_path), dtype="float32", elementwise="torch").native_modules == 0
     with pytest.raises(BackendError, match="elementwise=native: no module was swapped"):
         get_backend("hf", str(smollm2_path), dtype="bfloat16", elementwise="native")
@@ -439,7 +451,7 @@ def test_fast_fp32_backend_gives_the_plain_backends_completions(smollm2_path, tm
     heads = construct(str(smollm2_path), tmp_path / "ad", seed=3)
     fast = get_backend("hf", str(heads), dtype="float32")
     plain = get_backend("hf", str(heads), dtype="float32", cache="dynamic", linear="plain", elementwise="torch")
-    assert (fast.native_modules, fast.cache, plain.native_modules) == (182 if native_linear_available() else 121,
+    assert (fast.native_modules, fast.cache, plain.native_modules) == (212 if native_linear_available() else 121,
                                                                        "inplace", 0)
     got = completions_of_both(fast, plain, ["What is 12 + 30?", "Write one sentence about rain."], max_tokens=32)
     assert len(got["fast"]) == 18

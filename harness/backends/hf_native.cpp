@@ -243,7 +243,7 @@ inline float lanes_sum(__m256 v) {
 
 template <int NR, int MR, bool PREFETCH>
 inline void linear_tile(const float* x, int64_t K, const float* w, const float* bias, float* out, int64_t ldo,
-                        const char* ahead, const char* end) {
+                        bool accumulate, const char* ahead, const char* end) {
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -264,25 +264,28 @@ inline void linear_tile(const float* x, int64_t K, const float* w, const float* 
         }
     }
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) out[i * ldo + j] = lanes_sum(acc[i][j]) + (bias ? bias[j] : 0.0f);
+        for (int j = 0; j < NR; ++j) {
+            const float dot = lanes_sum(acc[i][j]) + (bias ? bias[j] : 0.0f);
+            out[i * ldo + j] = accumulate ? out[i * ldo + j] + dot : dot;
+        }
 }
 
 template <int NR, bool PREFETCH>
 inline void linear_tile_rows(int64_t mr, const float* x, int64_t K, const float* w, const float* bias, float* out,
-                             int64_t ldo, const char* ahead, const char* end) {
+                             int64_t ldo, bool acc, const char* ahead, const char* end) {
     switch (mr) {
-        case 6: linear_tile<NR, 6, PREFETCH>(x, K, w, bias, out, ldo, ahead, end); break;
-        case 5: linear_tile<NR, 5, PREFETCH>(x, K, w, bias, out, ldo, ahead, end); break;
-        case 4: linear_tile<NR, 4, PREFETCH>(x, K, w, bias, out, ldo, ahead, end); break;
-        case 3: linear_tile<NR, 3, PREFETCH>(x, K, w, bias, out, ldo, ahead, end); break;
-        case 2: linear_tile<NR, 2, PREFETCH>(x, K, w, bias, out, ldo, ahead, end); break;
-        default: linear_tile<NR, 1, PREFETCH>(x, K, w, bias, out, ldo, ahead, end); break;
+        case 6: linear_tile<NR, 6, PREFETCH>(x, K, w, bias, out, ldo, acc, ahead, end); break;
+        case 5: linear_tile<NR, 5, PREFETCH>(x, K, w, bias, out, ldo, acc, ahead, end); break;
+        case 4: linear_tile<NR, 4, PREFETCH>(x, K, w, bias, out, ldo, acc, ahead, end); break;
+        case 3: linear_tile<NR, 3, PREFETCH>(x, K, w, bias, out, ldo, acc, ahead, end); break;
+        case 2: linear_tile<NR, 2, PREFETCH>(x, K, w, bias, out, ldo, acc, ahead, end); break;
+        default: linear_tile<NR, 1, PREFETCH>(x, K, w, bias, out, ldo, acc, ahead, end); break;
     }
 }
 
 // Weight rows [first, last) (NR at a time; a last odd row alone) against all rows of x.
 inline void linear_rows_range(const float* x, int64_t rows, int64_t K, const float* w, int64_t first, int64_t last,
-                              const float* bias, float* out, int64_t ldo) {
+                              const float* bias, float* out, int64_t ldo, bool accumulate) {
     const char* end = reinterpret_cast<const char*>(w + last * K);
     for (int64_t o = first; o < last; o += LINEAR_NR) {
         const float* block = w + o * K;
@@ -293,11 +296,11 @@ inline void linear_rows_range(const float* x, int64_t rows, int64_t K, const flo
             const float* xr = x + r * K;
             float* o_r = out + r * ldo + o;
             if (last - o < LINEAR_NR)
-                linear_tile_rows<1, false>(mr, xr, K, block, b, o_r, ldo, ahead, end);
+                linear_tile_rows<1, false>(mr, xr, K, block, b, o_r, ldo, accumulate, ahead, end);
             else if (r == 0)
-                linear_tile_rows<LINEAR_NR, true>(mr, xr, K, block, b, o_r, ldo, ahead, end);
+                linear_tile_rows<LINEAR_NR, true>(mr, xr, K, block, b, o_r, ldo, accumulate, ahead, end);
             else
-                linear_tile_rows<LINEAR_NR, false>(mr, xr, K, block, b, o_r, ldo, ahead, end);
+                linear_tile_rows<LINEAR_NR, false>(mr, xr, K, block, b, o_r, ldo, accumulate, ahead, end);
         }
     }
 }
@@ -307,12 +310,13 @@ inline void linear_rows_range(const float* x, int64_t rows, int64_t K, const flo
 
 extern "C" {
 
-// out[r, o] (rows ldo apart) = x[r, :] . w[o, :] + bias[o] (bias may be null) for r < rows, o < n; x
-// [rows, K] and w [n, K] contiguous. The weight's rows are split over `threads` OpenMP threads in
+// out[r, o] (rows ldo apart) = x[r, :] . w[o, :] + bias[o] (bias may be null) for r < rows, o < n, or
+// with `accumulate` out[r, o] += that (a residual connection's sum in the same pass); x [rows, K] and
+// w [n, K] contiguous. The weight's rows are split over `threads` OpenMP threads in
 // contiguous shares of whole NR-row blocks. Returns 0, or -1 (nothing written) where K is not a
 // multiple of 8 or the library was built without AVX2 and FMA.
 int32_t linear_rows(const float* x, int64_t rows, int64_t K, const float* w, int64_t n, const float* bias,
-                    float* out, int64_t ldo, int32_t threads) {
+                    float* out, int64_t ldo, int32_t accumulate, int32_t threads) {
 #ifdef HF_NATIVE_AVX2
     if (K % 8 != 0 || K < 8 || rows < 1 || n < 1) return -1;
     const int64_t blocks = (n + LINEAR_NR - 1) / LINEAR_NR;
@@ -320,11 +324,11 @@ int32_t linear_rows(const float* x, int64_t rows, int64_t K, const float* w, int
     {
         const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
         const int64_t first = blocks * t / count * LINEAR_NR, last = std::min(n, blocks * (t + 1) / count * LINEAR_NR);
-        if (first < last) linear_rows_range(x, rows, K, w, first, last, bias, out, ldo);
+        if (first < last) linear_rows_range(x, rows, K, w, first, last, bias, out, ldo, accumulate != 0);
     }
     return 0;
 #else
-    (void)x, (void)rows, (void)K, (void)w, (void)n, (void)bias, (void)out, (void)ldo, (void)threads;
+    (void)x, (void)rows, (void)K, (void)w, (void)n, (void)bias, (void)out, (void)ldo, (void)accumulate, (void)threads;
     return -1;
 #endif
 }
