@@ -14,8 +14,8 @@ sdpa), ``cache`` (auto on CPU = ``inplace`` with sdpa attention, ``reused`` with
 elsewhere; ``static`` = transformers' pre-allocated KV cache where it supports the model),
 ``linear`` (auto = ``packed`` on CPU: oneDNN-packed weights, bf16 where the CPU runs oneDNN's
 packed bf16 linear, fp32 wherever torch has oneDNN; else ``plain``), ``elementwise`` (auto = ``native``
-for fp32 on CPU: compiled RMSNorm, rotary, SiLU·up and decode-attention passes where they compute
-a module's forward; else ``torch``), ``max_batch_size``, ``device``. What each CPU choice replaces and
+for fp32 on CPU: compiled RMSNorm, rotary, SiLU·up, decode-attention and decode-linear passes where
+they compute a module's forward, and a Llama layer's decode step as one run of them; else ``torch``), ``max_batch_size``, ``device``. What each CPU choice replaces and
 why is in ``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
 threads, decode ms per step): bf16 + eager 71-107, bf16 + sdpa ~150 (torch's bf16 SDPA kernel is
 slow here), fp32 + sdpa ~145; grouped-eager 60-66, + reused cache 57-59, + packed linears 51;
@@ -154,7 +154,8 @@ class HFBackend(Backend):
                                f"on this {self.device.type} (bf16 needs a CPU with avx512bw/vl/dq or "
                                "avx_ne_convert; fp32 a torch build with oneDNN); use linear=plain")
         self.packed_linears = pack_linears(self.llm) if linear == "packed" else 0
-        # Native RMSNorm / rotary / SiLU·up / decode-attention passes, fp32 on CPU (measured faster there).
+        # Native RMSNorm / rotary / SiLU·up / decode-attention / decode-linear passes and fused Llama layers,
+        # fp32 on CPU (measured faster there).
         self.native_modules = (use_native_elementwise(self.llm) if elementwise == "native" or (
             elementwise == "auto" and self.device.type == "cpu" and torch_dtype == torch.float32) else 0)
         if elementwise == "native" and not self.native_modules:
