@@ -299,6 +299,12 @@ def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the in-place cache, which a fused layer appends to natively
+        cached = fast.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True,
+                               return_dict_in_generate=True, past_key_values=AppendedInPlaceCache(fast.config))
+    assert torch.equal(cached.sequences, want.sequences)
+    for a, b in zip(cached.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     x = torch.randn(2, 4, 64)  # with autograd on, a swapped module runs its own forward: its weight gets a gradient
     norm = fast.model.layers[0].input_layernorm
     assert norm.forward.__func__ is not norm.torch_forward.__func__

@@ -204,6 +204,28 @@ class AppendedInPlaceLayer(DynamicLayer):
         self.keys, self.values = merged
         return self.keys, self.values
 
+    def append_native(self, lib, qkv: torch.Tensor, k_offset: int, v_offset: int, kv_heads: int,
+                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``update`` for a decode step's one new token per row, copied by one native call straight
+        from the fused q / k / v output (contiguous float32 [rows, 1, width]: keys at ``k_offset``,
+        values at ``v_offset``) into the buffers; None, with nothing written, where ``update`` is
+        needed (no cache yet, a full buffer, one that is not the cached tokens' or not float32)."""
+        if not self.is_initialized or self.keys.numel() == 0:
+            return None
+        keys, values = self.keys, self.values
+        key_buffer, value_buffer = self._buffers
+        cached, rows = keys.shape[-2], qkv.shape[0]
+        for past, buffer in ((keys, key_buffer), (values, value_buffer)):
+            if (buffer is None or buffer.dtype is not torch.float32 or buffer.shape[-2] <= cached
+                    or buffer.shape[:2] != (rows, kv_heads) or buffer.shape[-1] != head_dim
+                    or past.data_ptr() != buffer.data_ptr() or past.stride() != buffer.stride()):
+                return None
+        lib.append_kv(qkv.data_ptr(), rows, qkv.shape[-1], k_offset, v_offset, kv_heads, head_dim,
+                      key_buffer.data_ptr(), *key_buffer.stride()[:3], value_buffer.data_ptr(),
+                      *value_buffer.stride()[:3], cached)
+        self.keys, self.values = key_buffer[:, :, :cached + 1], value_buffer[:, :, :cached + 1]
+        return self.keys, self.values
+
     def reset(self) -> None:
         super().reset()
         self._buffers = [None, None]
@@ -348,6 +370,8 @@ def native_elementwise():
     lib.decode_attention.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64,
                                      i64, f32, ctypes.c_int32]
     lib.decode_attention.restype = ctypes.c_int32
+    lib.append_kv.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64]
+    lib.append_kv.restype = None
     lib.linear_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int32, ctypes.c_int32]
     lib.linear_rows.restype = ctypes.c_int32
     return lib
@@ -543,7 +567,8 @@ def _fusable_layer(module: nn.Module) -> bool:
         return False
     attention, mlp = module.self_attn, module.mlp
     parts = (module.input_layernorm, module.post_attention_layernorm, attention, mlp, attention.o_proj, mlp.down_proj)
-    return all("torch_forward" in vars(part) for part in parts) and attention.q_proj.in_features % 8 == 0
+    return (all("torch_forward" in vars(part) for part in parts) and attention.q_proj.in_features % 8 == 0
+            and all(p.is_contiguous() for p in module.parameters()))
 
 
 def _native_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -570,15 +595,27 @@ def _native_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attentio
     q_proj, head_dim = attention.q_proj, attention.head_dim
     qkv = _linears_into(lib, normed, batch, (q_proj, attention.k_proj, attention.v_proj), threads)
     cos, sin = position_embeddings
-    sizes = q_proj.qkv_sizes
-    lib.rotary(qkv.data_ptr(), batch, 1, qkv.shape[-1], (sizes[0] + sizes[1]) // head_dim, head_dim, cos.data_ptr(),
+    sizes, total = q_proj.qkv_sizes, qkv.shape[-1]
+    lib.rotary(qkv.data_ptr(), batch, 1, total, (sizes[0] + sizes[1]) // head_dim, head_dim, cos.data_ptr(),
                sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
-    query, key, value = (part.view(batch, 1, -1, head_dim).transpose(1, 2) for part in qkv.split(sizes, dim=-1))
-    key, value = past_key_values.update(key, value, attention.layer_idx)
-    out = None
-    if key.dtype is torch.float32 and key.stride(-1) == value.stride(-1) == 1:
-        out = _native_decode_attention(query, key, value, attention.scaling)
-    if out is None:  # a cache layout the kernel does not read: torch's attention (the cache is updated already)
+    heads, kv_heads = sizes[0] // head_dim, sizes[1] // head_dim
+    cache_layers = getattr(past_key_values, "layers", None)
+    cache_layer = cache_layers[attention.layer_idx] if cache_layers and attention.layer_idx < len(cache_layers) else None
+    kv = None
+    if type(cache_layer) is AppendedInPlaceLayer:  # the new keys and values copied in by one call
+        kv = cache_layer.append_native(lib, qkv, sizes[0], sizes[0] + sizes[1], kv_heads, head_dim)
+    if kv is None:
+        _, key, value = (part.view(batch, 1, -1, head_dim).transpose(1, 2) for part in qkv.split(sizes, dim=-1))
+        kv = past_key_values.update(key, value, attention.layer_idx)
+    key, value = kv
+    out, code = qkv.new_empty((batch, heads, head_dim)), -1
+    if key.dtype is torch.float32 and key.stride(-1) == value.stride(-1) == 1:  # the query read in place from qkv
+        code = lib.decode_attention(qkv.data_ptr(), total, head_dim, key.data_ptr(), key.stride(0), key.stride(1),
+                                    key.stride(2), value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
+                                    out.data_ptr(), batch, heads, kv_heads, key.shape[2], head_dim, attention.scaling,
+                                    threads)
+    if code != 0:  # a cache layout the kernel does not read: torch's attention (the cache is updated already)
+        query = qkv[..., :sizes[0]].view(batch, 1, heads, head_dim).transpose(1, 2)
         out = nn.functional.scaled_dot_product_attention(query, key, value, scale=attention.scaling,
                                                          enable_gqa=True).transpose(1, 2).contiguous()
     summed = hidden_states.clone()  # + o_proj(attention)
@@ -598,7 +635,7 @@ def _decode_step_fits(layer: nn.Module, hidden_states: torch.Tensor, attention_m
                       position_embeddings) -> bool:
     """Whether ``_native_layer_forward`` computes this call: a decode step's float32 rows (no grad), no
     mask, a cache, the rotary's cos / sin for one position, and every parameter still float32,
-    contiguous and on the CPU."""
+    on the CPU (contiguous: checked when the layer was swapped)."""
     if (attention_mask is not None or past_key_values is None or position_embeddings is None
             or hidden_states.dim() != 3 or hidden_states.shape[1] != 1
             or hidden_states.shape[0] > NATIVE_LINEAR_ROWS or not _native_ok(hidden_states)):
@@ -607,7 +644,7 @@ def _decode_step_fits(layer: nn.Module, hidden_states: torch.Tensor, attention_m
     if (cos.dim() != 3 or cos.shape != sin.shape or cos.shape[1:] != (1, layer.self_attn.head_dim)
             or cos.shape[0] not in (1, hidden_states.shape[0]) or not _native_ok(cos, sin)):
         return False
-    return all(p.dtype is torch.float32 and p.is_cpu and p.is_contiguous() for p in layer.native_parameters)
+    return all(p.dtype is torch.float32 and p.is_cpu for p in layer.native_parameters)  # contiguous when swapped
 
 
 def _linears_into(lib, x: torch.Tensor, rows: int, linears: tuple[nn.Linear, ...], threads: int,

@@ -213,6 +213,20 @@ int32_t decode_attention(const float* q, int64_t qb, int64_t qh, const float* k,
     return 0;
 }
 
+// A decode step's new keys and values into a KV cache: row b's key-value head h (`dim` numbers at
+// src + b * src_row + src_k + h * dim for keys, src_v for values: the fused q / k / v output) to
+// keys + b * kb + h * kh + position * kl (values likewise), the cache's buffers at their strides.
+void append_kv(const float* src, int64_t batch, int64_t src_row, int64_t src_k, int64_t src_v, int64_t kv_heads,
+               int64_t dim, float* keys, int64_t kb, int64_t kh, int64_t kl, float* values, int64_t vb, int64_t vh,
+               int64_t vl, int64_t position) {
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t h = 0; h < kv_heads; ++h) {
+            std::memcpy(keys + b * kb + h * kh + position * kl, src + b * src_row + src_k + h * dim, dim * sizeof(float));
+            std::memcpy(values + b * vb + h * vh + position * vl, src + b * src_row + src_v + h * dim,
+                        dim * sizeof(float));
+        }
+}
+
 }  // extern "C"
 
 // ----------------------------------------------------------------------------- decode linears
