@@ -281,7 +281,7 @@ def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     assert use_native_elementwise(fast) == 0  # already swapped: left as they are
     counting = CountingLibrary(native_elementwise())
     monkeypatch.setattr(kernels, "native_elementwise", lambda: counting)
-    own_layer_calls = []  # a fused layer runs its own forward at the prefill (27 rows) only
+    own_layer_calls = []  # a fused layer's own forward (the modules' passes one by one)
     for layer in fast.model.layers:
         if "torch_forward" in vars(layer):
             own = layer.torch_forward
@@ -295,13 +295,18 @@ def test_native_model_gives_the_plain_models_logits(family, monkeypatch):
     # (Llama), gate, up, o_proj, down_proj per layer and lm_head
     elementwise = {"llama": 5 * (2 * 4 + 1) + 4 * 2, "qwen2": 5 * (2 * 3 + 1)}[family]
     assert counting.calls == elementwise + linear * 4 * (2 * {"llama": 7, "qwen2": 4}[family] + 1)
-    assert len(own_layer_calls) == (2 if family == "llama" and linear else 0)
+    # transformers' default cache: no in-place buffer for a fused layer to append to, so its own forward each time
+    assert len(own_layer_calls) == (5 * 2 if family == "llama" and linear else 0)
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with torch.inference_mode():  # the in-place cache, which a fused layer appends to natively
+    calls, own_layer_calls[:] = counting.calls, []
+    with torch.inference_mode():  # the in-place cache: a fused layer's decode step is one native call
         cached = fast.generate(ids, do_sample=False, max_new_tokens=5, output_logits=True,
                                return_dict_in_generate=True, past_key_values=AppendedInPlaceCache(fast.config))
+    if family == "llama" and linear:  # own forwards at the prefill only (its 2 x 4 passes and the final norm);
+        assert len(own_layer_calls) == 2  # then a step: 2 layers in one call each, the final norm, lm_head
+        assert counting.calls - calls == 2 * 4 + 1 + 4 * (2 + 1 + 1)
     assert torch.equal(cached.sequences, want.sequences)
     for a, b in zip(cached.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

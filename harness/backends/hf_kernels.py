@@ -204,27 +204,25 @@ class AppendedInPlaceLayer(DynamicLayer):
         self.keys, self.values = merged
         return self.keys, self.values
 
-    def append_native(self, lib, qkv: torch.Tensor, k_offset: int, v_offset: int, kv_heads: int,
-                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``update`` for a decode step's one new token per row, copied by one native call straight
-        from the fused q / k / v output (contiguous float32 [rows, 1, width]: keys at ``k_offset``,
-        values at ``v_offset``) into the buffers; None, with nothing written, where ``update`` is
-        needed (no cache yet, a full buffer, one that is not the cached tokens' or not float32)."""
+    def room_for_step(self, rows: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(key buffer, value buffer, cached length) where a decode step's one new token per row can be
+        written in place at the cached length (float32 buffers of this shape whose prefix is the
+        cached tokens, with room left); None where ``update`` is needed (no cache yet, a full
+        buffer, one that is not the cached tokens')."""
         if not self.is_initialized or self.keys.numel() == 0:
             return None
-        keys, values = self.keys, self.values
-        key_buffer, value_buffer = self._buffers
-        cached, rows = keys.shape[-2], qkv.shape[0]
-        for past, buffer in ((keys, key_buffer), (values, value_buffer)):
+        cached = self.keys.shape[-2]
+        for past, buffer in zip((self.keys, self.values), self._buffers, strict=True):
             if (buffer is None or buffer.dtype is not torch.float32 or buffer.shape[-2] <= cached
                     or buffer.shape[:2] != (rows, kv_heads) or buffer.shape[-1] != head_dim
                     or past.data_ptr() != buffer.data_ptr() or past.stride() != buffer.stride()):
                 return None
-        lib.append_kv(qkv.data_ptr(), rows, qkv.shape[-1], k_offset, v_offset, kv_heads, head_dim,
-                      key_buffer.data_ptr(), *key_buffer.stride()[:3], value_buffer.data_ptr(),
-                      *value_buffer.stride()[:3], cached)
-        self.keys, self.values = key_buffer[:, :, :cached + 1], value_buffer[:, :, :cached + 1]
-        return self.keys, self.values
+        return self._buffers[0], self._buffers[1], cached
+
+    def appended_one(self) -> None:
+        """After a decode step wrote one token per row at the cached length: the prefix views grow by one."""
+        length = self.keys.shape[-2] + 1
+        self.keys, self.values = self._buffers[0][:, :, :length], self._buffers[1][:, :, :length]
 
     def reset(self) -> None:
         super().reset()
@@ -370,8 +368,10 @@ def native_elementwise():
     lib.decode_attention.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64,
                                      i64, f32, ctypes.c_int32]
     lib.decode_attention.restype = ctypes.c_int32
-    lib.append_kv.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64]
-    lib.append_kv.restype = None
+    lib.decode_layer.argtypes = [ptr, i64, i64, ptr, f32, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr,
+                                 ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr,
+                                 i64, ptr, ptr, ctypes.c_int32]
+    lib.decode_layer.restype = ctypes.c_int32
     lib.linear_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int32, ctypes.c_int32]
     lib.linear_rows.restype = ctypes.c_int32
     return lib
@@ -418,7 +418,6 @@ def use_native_elementwise(model: nn.Module) -> int:
             native = _native_layer_forward.__get__(module)
             if _layer_agrees(module, native):
                 module.torch_forward, module.forward = module.forward, native
-                module.native_parameters = tuple(module.parameters())
                 swapped += 1
     return swapped
 
@@ -574,93 +573,78 @@ def _fusable_layer(module: nn.Module) -> bool:
 def _native_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                           position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                           position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
-    """transformers' LlamaDecoderLayer.forward at a decode step (one position per row, no mask, a KV
-    cache, at most ``NATIVE_LINEAR_ROWS`` rows) as one run of native calls with no module calls
-    between them: RMSNorm; q, k, v; rotary; the cache's update; the decode attention; o_proj added
-    to a copy of the input (the residual); RMSNorm; gate, up; SiLU(gate)·up; down_proj added to
-    that sum. Each call is the one the swapped modules make, so the output is theirs; the Python and
-    dispatch between them (~0.5 ms a layer at batch 16) is what this saves. Anything else runs the
-    layer's own forward."""
-    attention, mlp = self.self_attn, self.mlp
-    if not _decode_step_fits(self, hidden_states, attention_mask, past_key_values, position_embeddings):
-        return self.torch_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache,
-                                  position_embeddings=position_embeddings, **kwargs)
-    lib, threads = native_elementwise(), torch.get_num_threads()
-    batch, _, width = hidden_states.shape
-    norm = self.input_layernorm
-    normed = torch.empty_like(hidden_states)
-    lib.rms_norm(hidden_states.data_ptr(), batch, width, width, norm.weight.data_ptr(), norm.variance_epsilon,
-                 normed.data_ptr(), width)
-    q_proj, head_dim = attention.q_proj, attention.head_dim
-    qkv = _linears_into(lib, normed, batch, (q_proj, attention.k_proj, attention.v_proj), threads)
-    cos, sin = position_embeddings
-    sizes, total = q_proj.qkv_sizes, qkv.shape[-1]
-    lib.rotary(qkv.data_ptr(), batch, 1, total, (sizes[0] + sizes[1]) // head_dim, head_dim, cos.data_ptr(),
-               sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
-    heads, kv_heads = sizes[0] // head_dim, sizes[1] // head_dim
+    """transformers' LlamaDecoderLayer.forward at a decode step (one position per row, no mask, at
+    most ``NATIVE_LINEAR_ROWS`` rows, an ``AppendedInPlaceCache`` with room for the token) as one
+    native call, ``decode_layer``: the norms, q / k / v, rotary, the cache's append, the attention,
+    o_proj and down_proj added to the residual, SiLU·up, the same passes the swapped modules run,
+    so the output is theirs; the module calls and small torch operations between them (~0.5 ms a
+    layer at batch 16 on the AVX2 machine) are what it saves. Anything else runs the layer's own
+    forward (the modules' native passes one by one)."""
+    room = _decode_step_room(self, hidden_states, attention_mask, past_key_values, position_embeddings)
+    if room is not None:
+        cache_layer, (keys, values, cached) = room
+        attention, mlp = self.self_attn, self.mlp
+        heads, kv_heads, head_dim, inter = self.native_shape
+        rows, _, width = hidden_states.shape
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+        cos, sin = position_embeddings
+        out = torch.empty_like(hidden_states)
+        scratch = hidden_states.new_empty(rows * (width + 2 * heads * head_dim + 2 * kv_heads * head_dim + 3 * inter))
+        code = native_elementwise().decode_layer(
+            hidden_states.data_ptr(), rows, width, norm1.weight.data_ptr(), norm1.variance_epsilon,
+            norm2.weight.data_ptr(), norm2.variance_epsilon, q.weight.data_ptr(), _pointer(q.bias),
+            k.weight.data_ptr(), _pointer(k.bias), v.weight.data_ptr(), _pointer(v.bias), heads, kv_heads, head_dim,
+            cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, keys.data_ptr(),
+            *keys.stride()[:3], values.data_ptr(), *values.stride()[:3], cached, attention.scaling,
+            o.weight.data_ptr(), _pointer(o.bias), mlp.gate_proj.weight.data_ptr(), mlp.up_proj.weight.data_ptr(),
+            mlp.down_proj.weight.data_ptr(), inter, scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if code == 0:
+            cache_layer.appended_one()
+            return out
+    return self.torch_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=use_cache,
+                              position_embeddings=position_embeddings, **kwargs)
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _decode_step_room(layer: nn.Module, hidden_states: torch.Tensor, attention_mask, past_key_values,
+                      position_embeddings):
+    """(cache layer, its ``room_for_step``) where ``_native_layer_forward`` computes this call: a
+    decode step's float32 rows (no grad), no mask, the rotary's cos / sin for one position, every
+    parameter still float32 on the CPU (contiguous: checked when the layer was swapped), and an
+    in-place cache layer with room for the step; else None."""
+    if (attention_mask is not None or position_embeddings is None or hidden_states.dim() != 3
+            or hidden_states.shape[1] != 1 or hidden_states.shape[0] > NATIVE_LINEAR_ROWS
+            or not _native_ok(hidden_states)):
+        return None
     cache_layers = getattr(past_key_values, "layers", None)
-    cache_layer = cache_layers[attention.layer_idx] if cache_layers and attention.layer_idx < len(cache_layers) else None
-    kv = None
-    if type(cache_layer) is AppendedInPlaceLayer:  # the new keys and values copied in by one call
-        kv = cache_layer.append_native(lib, qkv, sizes[0], sizes[0] + sizes[1], kv_heads, head_dim)
-    if kv is None:
-        _, key, value = (part.view(batch, 1, -1, head_dim).transpose(1, 2) for part in qkv.split(sizes, dim=-1))
-        kv = past_key_values.update(key, value, attention.layer_idx)
-    key, value = kv
-    out, code = qkv.new_empty((batch, heads, head_dim)), -1
-    if key.dtype is torch.float32 and key.stride(-1) == value.stride(-1) == 1:  # the query read in place from qkv
-        code = lib.decode_attention(qkv.data_ptr(), total, head_dim, key.data_ptr(), key.stride(0), key.stride(1),
-                                    key.stride(2), value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
-                                    out.data_ptr(), batch, heads, kv_heads, key.shape[2], head_dim, attention.scaling,
-                                    threads)
-    if code != 0:  # a cache layout the kernel does not read: torch's attention (the cache is updated already)
-        query = qkv[..., :sizes[0]].view(batch, 1, heads, head_dim).transpose(1, 2)
-        out = nn.functional.scaled_dot_product_attention(query, key, value, scale=attention.scaling,
-                                                         enable_gqa=True).transpose(1, 2).contiguous()
-    summed = hidden_states.clone()  # + o_proj(attention)
-    _linears_into(lib, out.view(batch, -1), batch, (attention.o_proj,), threads, out=summed)
-    norm = self.post_attention_layernorm
-    lib.rms_norm(summed.data_ptr(), batch, width, width, norm.weight.data_ptr(), norm.variance_epsilon,
-                 normed.data_ptr(), width)
-    gate_up = _linears_into(lib, normed, batch, (mlp.gate_proj, mlp.up_proj), threads)
-    inter = gate_up.shape[-1] // 2
-    hidden = gate_up.new_empty((batch, 1, inter))
-    lib.silu_mul(gate_up.data_ptr(), batch, 2 * inter, inter, hidden.data_ptr(), inter)
-    _linears_into(lib, hidden, batch, (mlp.down_proj,), threads, out=summed)  # + down_proj(SiLU(gate)·up)
-    return summed
-
-
-def _decode_step_fits(layer: nn.Module, hidden_states: torch.Tensor, attention_mask, past_key_values,
-                      position_embeddings) -> bool:
-    """Whether ``_native_layer_forward`` computes this call: a decode step's float32 rows (no grad), no
-    mask, a cache, the rotary's cos / sin for one position, and every parameter still float32,
-    on the CPU (contiguous: checked when the layer was swapped)."""
-    if (attention_mask is not None or past_key_values is None or position_embeddings is None
-            or hidden_states.dim() != 3 or hidden_states.shape[1] != 1
-            or hidden_states.shape[0] > NATIVE_LINEAR_ROWS or not _native_ok(hidden_states)):
-        return False
+    index = layer.self_attn.layer_idx
+    cache_layer = cache_layers[index] if cache_layers is not None and index < len(cache_layers) else None
+    if type(cache_layer) is not AppendedInPlaceLayer:
+        return None
     cos, sin = position_embeddings
     if (cos.dim() != 3 or cos.shape != sin.shape or cos.shape[1:] != (1, layer.self_attn.head_dim)
-            or cos.shape[0] not in (1, hidden_states.shape[0]) or not _native_ok(cos, sin)):
-        return False
-    return all(p.dtype is torch.float32 and p.is_cpu for p in layer.native_parameters)  # contiguous when swapped
+            or cos.shape[0] not in (1, hidden_states.shape[0]) or not _native_ok(cos, sin)
+            or not all(p.dtype is torch.float32 and p.is_cpu for p in layer.native_parameters)):
+        return None
+    heads, kv_heads, head_dim, _ = layer.native_shape
+    room = cache_layer.room_for_step(hidden_states.shape[0], kv_heads, head_dim)
+    return None if room is None else (cache_layer, room)
 
 
-def _linears_into(lib, x: torch.Tensor, rows: int, linears: tuple[nn.Linear, ...], threads: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """The native linear of each of ``linears`` on x's ``rows`` rows, side by side in a new [rows, 1,
-    sum of widths] tensor, or added to ``out`` (one linear, out [rows, 1, its width])."""
+def _linears_into(lib, x: torch.Tensor, rows: int, linears: tuple[nn.Linear, ...], threads: int) -> torch.Tensor:
+    """The native linear of each of ``linears`` on x's ``rows`` rows, side by side in a new [rows, sum
+    of their widths] tensor."""
     total = sum(linear.out_features for linear in linears)
-    accumulate = out is not None
-    if out is None:
-        out = x.new_empty((rows, 1, total))
-    offset = 0
+    out, offset = x.new_empty((rows, total)), 0
     for linear in linears:
         bias = linear.bias
         lib.linear_rows(x.data_ptr(), rows, linear.in_features, linear.weight.data_ptr(), linear.out_features,
-                        None if bias is None else bias.data_ptr(), out.data_ptr() + 4 * offset, total, accumulate,
-                        threads)
+                        _pointer(bias), out.data_ptr() + 4 * offset, total, 0, threads)
         offset += linear.out_features
     return out
 
@@ -668,18 +652,22 @@ def _linears_into(lib, x: torch.Tensor, rows: int, linears: tuple[nn.Linear, ...
 @torch.no_grad()
 def _layer_agrees(layer: nn.Module, native) -> bool:
     """Whether ``native`` gives ``layer``'s own forward's output at a decode step (random float32
-    inputs, after a 3-token prefill into a fresh cache for each)."""
+    inputs, after a 3-token prefill into a fresh in-place cache for each). Sets the layer's
+    ``native_parameters`` and ``native_shape`` (heads, key-value heads, head dim, MLP width)."""
     generator = torch.Generator().manual_seed(0)
     hidden, head_dim = layer.self_attn.q_proj.in_features, layer.self_attn.head_dim
     prefill, step = torch.randn(2, 3, hidden, generator=generator), torch.randn(2, 1, hidden, generator=generator)
     angles = torch.rand(2, 4, head_dim // 2, generator=generator) * 6.0
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos(), angles.sin()
+    attention = layer.self_attn
     layer.native_parameters = tuple(layer.parameters())
+    layer.native_shape = (attention.q_proj.out_features // head_dim, attention.k_proj.out_features // head_dim,
+                          head_dim, layer.mlp.gate_proj.out_features)
     outs = []
     try:
         for forward in (native, layer.forward):
-            cache = DynamicCache()
+            cache = AppendedInPlaceCache(attention.config)
             layer.forward(prefill, past_key_values=cache, position_embeddings=(cos[:, :3], sin[:, :3]))
             outs.append(forward(step, past_key_values=cache,
                                 position_embeddings=(cos[:, 3:].contiguous(), sin[:, 3:].contiguous())))

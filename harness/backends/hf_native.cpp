@@ -348,3 +348,58 @@ int32_t linear_rows(const float* x, int64_t rows, int64_t K, const float* w, int
 }
 
 }  // extern "C"
+
+// ----------------------------------------------------------------------------- a whole decode layer
+// A Llama decoder layer's decode step (one new position per row, no mask) as the calls above, with no
+// return to Python between them:
+//   normed = rms_norm(x; norm1); qkv = normed [wq | wk | wv]^T + [bq | bk | bv]; rotary on q and k;
+//   k, v appended to the cache buffers at `position`; attn = decode_attention(q; keys and values
+//   0..position); out = x + attn wo^T + bo; normed = rms_norm(out; norm2);
+//   out += (silu(normed wg^T) * (normed wu^T)) wd^T.
+// x, out: [rows, width]; the cache buffers [rows, kv_heads, capacity > position, head_dim] at
+// strides (kb, kh, kl, 1) / (vb, vh, vl, 1); cos / sin: this position's head_dim numbers per row
+// (cs_batch apart, 0: one row for all); biases may be null; scratch: rows * (width + q_size +
+// 2 * kv_size + q_size + 3 * inter) floats. Returns 0, or -1 (nothing written: not the cache,
+// not out) where the attention or the linears do not take the shapes.
+extern "C" {
+
+int32_t decode_layer(const float* x, int64_t rows, int64_t width, const float* norm1, float eps1, const float* norm2,
+                     float eps2, const float* wq, const float* bq, const float* wk, const float* bk, const float* wv,
+                     const float* bv, int64_t heads, int64_t kv_heads, int64_t head_dim, const float* cos,
+                     const float* sin, int64_t cs_batch, float* keys, int64_t kb, int64_t kh, int64_t kl,
+                     float* values, int64_t vb, int64_t vh, int64_t vl, int64_t position, float scale,
+                     const float* wo, const float* bo, const float* wg, const float* wu, const float* wd,
+                     int64_t inter, float* scratch, float* out, int32_t threads) {
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, total = q_size + 2 * kv_size;
+    const int64_t groups = kv_heads > 0 ? heads / kv_heads : 0;
+    if (groups < 1 || groups * kv_heads != heads || groups > DECODE_MAX_GROUPS || head_dim > DECODE_MAX_DIM
+        || head_dim % 2 || width % 8 || q_size % 8 || inter % 8)
+        return -1;
+#ifndef HF_NATIVE_AVX2
+    return -1;
+#endif
+    float* normed = scratch;
+    float* qkv = normed + rows * width;
+    float* attn = qkv + rows * total;
+    float* gate_up = attn + rows * q_size;
+    float* hidden = gate_up + rows * 2 * inter;
+    rms_norm(x, rows, width, width, norm1, eps1, normed, width);
+    linear_rows(normed, rows, width, wq, q_size, bq, qkv, total, 0, threads);
+    linear_rows(normed, rows, width, wk, kv_size, bk, qkv + q_size, total, 0, threads);
+    linear_rows(normed, rows, width, wv, kv_size, bv, qkv + q_size + kv_size, total, 0, threads);
+    rotary(qkv, rows, 1, total, heads + kv_heads, head_dim, cos, sin, cs_batch, head_dim);
+    append_kv(qkv, rows, total, q_size, q_size + kv_size, kv_heads, head_dim, keys, kb, kh, kl, values, vb, vh, vl,
+              position);
+    decode_attention(qkv, total, head_dim, keys, kb, kh, kl, values, vb, vh, vl, attn, rows, heads, kv_heads,
+                     position + 1, head_dim, scale, threads);
+    std::memcpy(out, x, rows * width * sizeof(float));
+    linear_rows(attn, rows, q_size, wo, width, bo, out, width, 1, threads);
+    rms_norm(out, rows, width, width, norm2, eps2, normed, width);
+    linear_rows(normed, rows, width, wg, inter, nullptr, gate_up, 2 * inter, 0, threads);
+    linear_rows(normed, rows, width, wu, inter, nullptr, gate_up + inter, 2 * inter, 0, threads);
+    silu_mul(gate_up, rows, 2 * inter, inter, hidden, inter);
+    linear_rows(hidden, rows, inter, wd, width, nullptr, out, width, 1, threads);
+    return 0;
+}
+
+}  // extern "C"
