@@ -52,11 +52,14 @@ profiler and ``autodeco bench backends``), a decode step of transformers' defaul
    its share of the rows with a software prefetch ahead of the multiply-adds: 0.61-0.67 of
    oneDNN's time over a step's linears at 1-7 rows, 0.89 at 16 (oneDNN wins from ~24 rows, so
    prefill stays packed). No extra memory: q / k / v and gate / up are one call per part into one
-   output. A Llama decoder layer whose parts all run natively then runs its decode step as one
-   sequence of native calls (``_native_layer_forward``; the residual sums added by the linear
-   itself), without the module calls and small torch operations between them. ``bench backends``
-   hf fp32, alternating with the commit before each: 133/145 vs 114/124 tok/s (the linear), then
-   141/165 vs 119/133 (the fused layer).
+   output. A Llama decoder layer whose parts all run natively then runs a decode step as one native
+   call, ``decode_layer`` (the same passes in the same order, the residual sums added by the
+   linear itself, the new keys and values appended to an ``AppendedInPlaceCache``'s buffer),
+   without the module calls and ~10 µs torch operations between them (~0.5 ms a layer). ``bench
+   backends`` hf fp32, alternating with the commit before each: 133/145 vs 114/124 tok/s (the
+   linear), 141/165 vs 119/133 (the layer as a Python sequence of calls), 144/122 vs 126/113 (as
+   one call); with 8 repeats 143-151 tok/s against torch's path's 92, 0.26-0.27 of the bandwidth
+   bound.
 
 The first three give the plain path's logits (tests/test_hf_kernels.py: eager vs grouped
 attention to 1e-6, a small Llama and Qwen2 packed vs plain exactly in bf16 and to float32 rounding
