@@ -398,7 +398,7 @@ def use_native_elementwise(model: nn.Module) -> int:
     ``NATIVE_LINEAR_ROWS`` rows) then run the native linear on the module's own row-major weight
     (the fused q / k / v and gate / up matmuls too, one call per part); then decoder layers of the
     classes in ``NATIVE_LAYERS`` whose norms, attention, MLP, o_proj and down_proj were all swapped,
-    whose decode steps run as one sequence of native calls (``_native_layer_forward``). Each module is
+    whose decode steps with the in-place cache run as one native call (``_native_layer_forward``). Each module is
     swapped only if, on random inputs, the native forward gives its own forward's outputs (to
     float32 rounding); a module that later sees gradients, another dtype or strided input runs its
     own forward. Modules swapped before are left as they are. Returns how many modules were
