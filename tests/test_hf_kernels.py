@@ -206,12 +206,14 @@ class CountingLibrary:
 def test_native_linear_equals_float64(rows, n, k):
     """x w^T + b for every remainder of the 6-row and 2-weight-row tiles (1, 6, 16 = 6 + 6 + 4, 13 rows;
     odd weight rows), into a column slice of a wider output with the other columns untouched, to
-    float32 rounding; without a bias; added to what the output holds; and a K that is not a multiple of 8 refused with nothing written."""
+    float32 rounding; without a bias; added to what the output holds; and a K that is not a multiple
+    of 8 refused with nothing written."""
     lib = native_elementwise()
     generator = torch.Generator().manual_seed(rows * n)
     x, w, b = (torch.randn(*shape, generator=generator) for shape in ((rows, k), (n, k), (n,)))
     out = torch.full((rows, n + 5), 7.0)
-    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, b.data_ptr(), out[:, 3:].data_ptr(), n + 5, 0, 2) == 0
+    sliced = out[:, 3:]
+    assert lib.linear_rows(x.data_ptr(), rows, k, w.data_ptr(), n, b.data_ptr(), sliced.data_ptr(), n + 5, 0, 2) == 0
     torch.testing.assert_close(out[:, 3:3 + n], (x.double() @ w.double().T + b.double()).float(), rtol=1e-5,
                                atol=1e-5 * k ** 0.5)
     assert (out[:, :3] == 7.0).all() and (out[:, 3 + n:] == 7.0).all()
@@ -452,7 +454,8 @@ def test_fast_cpu_backend_gives_the_plain_backends_completions(smollm2_path, tmp
 @needs_packed_fp32
 def test_fast_fp32_backend_gives_the_plain_backends_completions(smollm2_path, tmp_path):
     """fp32 SmolLM2 with AutoDeco heads (an AVX2-only CPU's auto dtype): packed linears + native
-    RMSNorm / rotary / SiLU·up / decode attention + in-place cache against plain linears, torch's
+    RMSNorm / rotary / SiLU·up / decode attention / decode linears, the layers' decode steps as one
+    native call each, + in-place cache against plain linears, torch's
     ops and a dynamic cache: the same greedy completions; sampled ones the same but where a float32
     rounding of the logits moves a draw across a boundary (measured: 2 of 60 completions of 32
     tokens, at tokens 5 and 18), so at least 9 of the 12 here, each pair's T / P traces equal to

@@ -15,8 +15,9 @@ elsewhere; ``static`` = transformers' pre-allocated KV cache where it supports t
 ``linear`` (auto = ``packed`` on CPU: oneDNN-packed weights, bf16 where the CPU runs oneDNN's
 packed bf16 linear, fp32 wherever torch has oneDNN; else ``plain``), ``elementwise`` (auto = ``native``
 for fp32 on CPU: compiled RMSNorm, rotary, SiLU·up, decode-attention and decode-linear passes where
-they compute a module's forward, and a Llama layer's decode step as one run of them; else ``torch``), ``max_batch_size``, ``device``. What each CPU choice replaces and
-why is in ``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
+they compute a module's forward, and a Llama layer's decode step as one run of them; else
+``torch``), ``max_batch_size``, ``device``. What each CPU choice replaces and why is in
+``harness.backends.hf_kernels``. Measured here (SmolLM2, batch 16, context 256, 2
 threads, decode ms per step): bf16 + eager 71-107, bf16 + sdpa ~150 (torch's bf16 SDPA kernel is
 slow here), fp32 + sdpa ~145; grouped-eager 60-66, + reused cache 57-59, + packed linears 51;
 with fused q/k/v and gate/up and the inverse-CDF sampler ~42 (``bench backends``: 377-383

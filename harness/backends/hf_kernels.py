@@ -65,7 +65,8 @@ The first three give the plain path's logits (tests/test_hf_kernels.py: eager vs
 attention to 1e-6, a small Llama and Qwen2 packed vs plain exactly in bf16 and to float32 rounding
 in fp32, with the same greedy tokens; real SmolLM2's completions identical); the native passes
 the same (rotary bit for bit, the others to float32 rounding; real fp32 SmolLM2's greedy
-completions identical, sampled ones but where a rounding moves a draw); the sampler draws by the probabilities (its frequencies tested) from another random
+completions identical, sampled ones but where a rounding moves a draw); the sampler draws by the
+probabilities (its frequencies tested) from another random
 stream than multinomial's.
 """
 
@@ -342,7 +343,8 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 NATIVE_SOURCE = Path(__file__).with_name("hf_native.cpp")
 NATIVE_FLAGS = ("-ffp-contract=off", "-fopenmp")  # the rotary's products and sums as torch rounds them;
-# the attention's threads from the OpenMP runtime torch has loaded (libgomp), none started per call
+# the attention's and the linears' threads from the OpenMP runtime torch has loaded (libgomp), none started
+# per call
 NATIVE_ATTENTIONS = (LlamaAttention,)  # the classes (exactly) whose forward _native_attention_forward replicates
 NATIVE_LAYERS = (LlamaDecoderLayer,)  # the classes (exactly) whose forward _native_layer_forward replicates
 NATIVE_LINEAR_ROWS = 16  # at most this many rows (a decode step's batch) go to the native linear, more to oneDNN:
@@ -387,7 +389,8 @@ def native_linear_available() -> bool:
     if lib is None:
         return False
     x, out = torch.ones(1, 8), torch.zeros(1, 1)
-    return lib.linear_rows(x.data_ptr(), 1, 8, x.data_ptr(), 1, None, out.data_ptr(), 1, 0, 1) == 0 and out.item() == 8.0
+    code = lib.linear_rows(x.data_ptr(), 1, 8, x.data_ptr(), 1, None, out.data_ptr(), 1, 0, 1)
+    return code == 0 and out.item() == 8.0
 
 
 def use_native_elementwise(model: nn.Module) -> int:
@@ -560,8 +563,14 @@ def _native_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Ten
     parts = [(linear.weight, linear.bias) for linear in linears]
     if not all(w.shape[1] == width and _native_ok(w, *([] if b is None else [b])) for w, b in parts):
         return None
-    return _linears_into(native_elementwise(), x, rows, linears, torch.get_num_threads()).view(
-        *x.shape[:-1], -1)
+    total = sum(w.shape[0] for w, _ in parts)
+    out, offset = x.new_empty((*x.shape[:-1], total)), 0
+    lib, threads = native_elementwise(), torch.get_num_threads()
+    for weight, bias in parts:  # each part's columns of the one output (rows `total` apart)
+        lib.linear_rows(x.data_ptr(), rows, width, weight.data_ptr(), weight.shape[0], _pointer(bias),
+                        out.data_ptr() + 4 * offset, total, 0, threads)
+        offset += weight.shape[0]
+    return out
 
 
 def _fusable_layer(module: nn.Module) -> bool:
@@ -637,19 +646,6 @@ def _decode_step_room(layer: nn.Module, hidden_states: torch.Tensor, attention_m
     heads, kv_heads, head_dim, _ = layer.native_shape
     room = cache_layer.room_for_step(hidden_states.shape[0], kv_heads, head_dim)
     return None if room is None else (cache_layer, room)
-
-
-def _linears_into(lib, x: torch.Tensor, rows: int, linears: tuple[nn.Linear, ...], threads: int) -> torch.Tensor:
-    """The native linear of each of ``linears`` on x's ``rows`` rows, side by side in a new [rows, sum
-    of their widths] tensor."""
-    total = sum(linear.out_features for linear in linears)
-    out, offset = x.new_empty((rows, total)), 0
-    for linear in linears:
-        bias = linear.bias
-        lib.linear_rows(x.data_ptr(), rows, linear.in_features, linear.weight.data_ptr(), linear.out_features,
-                        _pointer(bias), out.data_ptr() + 4 * offset, total, 0, threads)
-        offset += linear.out_features
-    return out
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@
 // Why: at batch 16 each of these is a few thousand elements, so torch spends its time on
 // dispatch and on one vocabulary-free but separate pass per operation (RMSNorm is five of them,
 // rotary ten); one call here does the whole operation in one pass, single-threaded (the
-// attention, the only one with real work, on OpenMP threads).
+// attention and the linears, the ones with real work, on OpenMP threads).
 //
 // Arithmetic: the rotary and the RMSNorm's scaling are the same float32 products and sums as the
 // torch code they replace, in the same order, with -ffp-contract=off (no fused multiply-add), so
@@ -213,20 +213,6 @@ int32_t decode_attention(const float* q, int64_t qb, int64_t qh, const float* k,
     return 0;
 }
 
-// A decode step's new keys and values into a KV cache: row b's key-value head h (`dim` numbers at
-// src + b * src_row + src_k + h * dim for keys, src_v for values: the fused q / k / v output) to
-// keys + b * kb + h * kh + position * kl (values likewise), the cache's buffers at their strides.
-void append_kv(const float* src, int64_t batch, int64_t src_row, int64_t src_k, int64_t src_v, int64_t kv_heads,
-               int64_t dim, float* keys, int64_t kb, int64_t kh, int64_t kl, float* values, int64_t vb, int64_t vh,
-               int64_t vl, int64_t position) {
-    for (int64_t b = 0; b < batch; ++b)
-        for (int64_t h = 0; h < kv_heads; ++h) {
-            std::memcpy(keys + b * kb + h * kh + position * kl, src + b * src_row + src_k + h * dim, dim * sizeof(float));
-            std::memcpy(values + b * vb + h * vh + position * vl, src + b * src_row + src_v + h * dim,
-                        dim * sizeof(float));
-        }
-}
-
 }  // extern "C"
 
 // ----------------------------------------------------------------------------- decode linears
@@ -348,6 +334,25 @@ int32_t linear_rows(const float* x, int64_t rows, int64_t K, const float* w, int
 }
 
 }  // extern "C"
+
+namespace {
+
+// A decode step's new keys and values into a KV cache: row b's key-value head h (`dim` numbers at
+// src + b * src_row + src_k + h * dim for keys, src_v for values: the fused q / k / v output) to
+// keys + b * kb + h * kh + position * kl (values likewise), the cache's buffers at their strides.
+void append_kv(const float* src, int64_t batch, int64_t src_row, int64_t src_k, int64_t src_v, int64_t kv_heads,
+               int64_t dim, float* keys, int64_t kb, int64_t kh, int64_t kl, float* values, int64_t vb, int64_t vh,
+               int64_t vl, int64_t position) {
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t h = 0; h < kv_heads; ++h) {
+            std::memcpy(keys + b * kb + h * kh + position * kl, src + b * src_row + src_k + h * dim,
+                        dim * sizeof(float));
+            std::memcpy(values + b * vb + h * vh + position * vl, src + b * src_row + src_v + h * dim,
+                        dim * sizeof(float));
+        }
+}
+
+}  // namespace
 
 // ----------------------------------------------------------------------------- a whole decode layer
 // A Llama decoder layer's decode step (one new position per row, no mask) as the calls above, with no
