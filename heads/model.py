@@ -39,7 +39,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.utils import ModelOutput
 
 from .modules import TempHead, TopPHead, features_from_stats
-from .nucleus import _workspace, logit_stats, nucleus_from_stats
+from .nucleus import (
+    CLOSE,
+    DEFAULT_K,
+    KEY_FIRST,
+    MARGIN,
+    MIN_MARGIN,
+    N_KEYS,
+    TAIL_SHARE,
+    LogitStats,
+    _threads,
+    _workspace,
+    logit_stats,
+    native,
+    nucleus_from_stats,
+)
 
 HEAD_PREFIXES = ("temp_head.", "top_p_head.")
 FEATURE_BLOCK = 1 << 24  # logits per float32 block when computing the top-p head's features
@@ -138,7 +152,7 @@ class AutoDecoConfig(PreTrainedConfig):
 class AutoDecoOutput(ModelOutput):
     """``logits``: processed (÷T, nucleus) when dynamic decoding is on, else the base logits.
 
-    ``temperature`` / ``top_p``: [batch, kept positions]; ``base_logits``: raw base logits;
+    ``temperature`` / ``top_p``: [batch, kept positions] (None with both heads off); ``base_logits``: raw base logits;
     ``hidden``: the base's last hidden state at the kept positions.
     """
 
@@ -228,10 +242,69 @@ def dynamic_logits(base_logits, temperature, top_p, z=None, stats=None, *, use_t
     return z.reshape(shape)
 
 
+def _head_tensors(head: nn.Module) -> list[torch.Tensor] | None:
+    """w1, b1, w2, b2 of a head's MLP as the native step reads them (float32, contiguous, on the
+    CPU), or None if they are not."""
+    first, last = head.mlp[0], head.mlp[2]
+    tensors = [first.weight, first.bias, last.weight, last.bias]
+    if any(t is None or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return None
+    return tensors
+
+
+def native_decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor):
+    """``decode`` with both heads in one native call (heads/nucleus_native.cpp, ``autodeco_rows``):
+    both MLPs, z = l / T, the row statistics and features, and each row's exact nucleus and masking,
+    a row on one thread from its scaling to its masking (so it stays in that core's cache). The
+    nucleus there decides with the file's own exp; a row where that could differ from torch's (a
+    cumulative mass within ``CLOSE`` of P), or whose band misses the crossing, is finished here by
+    ``nucleus_from_stats`` (torch's exp: the contract). None where the call does not apply (no
+    compiler, not the CPU, gradients on, heads not float32); the caller then runs the torch steps. T
+    and P agree with those to float32 rounding (other summation orders); the nucleus is exact for
+    the z and P returned.
+    """
+    lib = native()
+    if lib is None or torch.is_grad_enabled() or hidden.device.type != "cpu" or base_logits.device.type != "cpu":
+        return None
+    temp, top = _head_tensors(temp_head), _head_tensors(top_p_head)
+    size = hidden.shape[-1]
+    enhanced = bool(top_p_head.use_enhanced_features)
+    if (temp is None or top is None or temp[0].shape[1] != size
+            or top[0].shape[1] != size + 1 + (4 if enhanced else 0) or temp[0].shape[0] != temp[2].shape[-1]
+            or top[0].shape[0] != top[2].shape[-1]):
+        return None
+    lead, vocab = base_logits.shape[:-1], base_logits.shape[-1]
+    h = hidden.reshape(-1, size).float()
+    logits = base_logits.reshape(-1, vocab).float()
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    n, k = logits.shape[0], min(DEFAULT_K, vocab)
+    if n == 0 or vocab < 5:
+        return None
+    z, values, lse = torch.empty(n, vocab), torch.empty(n, k), torch.empty(n)
+    indices, temperature, top_p = torch.empty(n, k, dtype=torch.int64), torch.empty(n), torch.empty(n)
+    status = torch.empty(n, dtype=torch.uint8)
+    redo = lib.autodeco_rows(h.data_ptr(), h.stride(0), size, logits.data_ptr(), logits.stride(0), vocab, n,
+                             *(t.data_ptr() for t in temp), temp[0].shape[0], *(t.data_ptr() for t in top),
+                             top[0].shape[0], int(enhanced), k, KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN,
+                             CLOSE, z.data_ptr(), values.data_ptr(), indices.data_ptr(), lse.data_ptr(),
+                             temperature.data_ptr(), top_p.data_ptr(), status.data_ptr(), _threads())
+    if redo:  # z holds these rows unmasked: the exact path on them
+        rows = status.nonzero().squeeze(-1)
+        stats = LogitStats(values[rows], indices[rows], lse[rows], None, None, vocab)
+        z[rows] = nucleus_from_stats(z[rows], stats, top_p[rows], inplace=True)
+    return z.reshape(base_logits.shape), temperature.reshape(lead), top_p.reshape(lead)
+
+
 def decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor, *,
            use_temperature: bool, use_top_p: bool):
     """One AutoDeco decoding step on rows: (logits, T, P). With the top-p head alone (the ablation),
-    the top-p head sees T = 1, the temperature at which its nucleus then cuts."""
+    the top-p head sees T = 1, the temperature at which its nucleus then cuts. Both heads on a CPU:
+    one native call (``native_decode``) where it applies."""
+    if use_temperature and use_top_p:
+        fast = native_decode(temp_head, top_p_head, hidden, base_logits)
+        if fast is not None:
+            return fast
     temperature, top_p, z, stats = predict(temp_head, top_p_head, hidden, base_logits,
                                            need_stats=use_temperature and use_top_p,
                                            unit_temperature=use_top_p and not use_temperature)
@@ -361,7 +434,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
     # --- forward ------------------------------------------------------------------------
 
     def set_decoding(self, temperature: bool, top_p: bool) -> AutoDecoModelForCausalLM:
-        """Which heads act on the returned logits; both False returns the base logits."""
+        """Which heads act on the returned logits; both False returns the base logits and runs no
+        heads at all (``temperature`` and ``top_p`` None), as the vLLM plugin does."""
         self.decode_temperature, self.decode_top_p = bool(temperature), bool(top_p)
         return self
 
@@ -406,7 +480,8 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> AutoDecoOutput:
-        """Base forward, heads on the kept positions, then (if on) ÷T and the nucleus on the logits."""
+        """Base forward, then (with a head on) the heads on the kept positions and ÷T and the nucleus
+        on the logits."""
         hidden, base_logits, out = self.base_forward(
             input_ids,
             attention_mask,
@@ -417,8 +492,11 @@ class AutoDecoModelForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        logits, temperature, top_p = decode(self.temp_head, self.top_p_head, hidden, base_logits,
-                                            use_temperature=self.decode_temperature, use_top_p=self.decode_top_p)
+        if self.decode_temperature or self.decode_top_p:
+            logits, temperature, top_p = decode(self.temp_head, self.top_p_head, hidden, base_logits,
+                                                use_temperature=self.decode_temperature, use_top_p=self.decode_top_p)
+        else:  # both heads off: the base model, nothing more (as the vLLM plugin)
+            logits, temperature, top_p = base_logits, None, None
         return AutoDecoOutput(
             logits=logits,
             temperature=temperature,

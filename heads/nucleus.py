@@ -68,9 +68,12 @@ KEY_FIRST = struct.unpack("<i", struct.pack("<f", 1.0))[0] >> KEY_SHIFT
 N_KEYS = (struct.unpack("<i", struct.pack("<f", 1.0 + MAX_DEPTH))[0] >> KEY_SHIFT) - KEY_FIRST + 1
 MARGIN = 1e-4  # the chosen rungs' mass (float32 sums) must exceed P by this much ...
 TAIL_SHARE, MIN_MARGIN = 0.1, 1e-6  # ... or by a tenth of 1 - P (not below 1e-6) where that is less
+CLOSE = 5e-7  # native decoding (heads.model.native_decode) decides with its own exp, ~3 ulp from torch's: a
+# cumulative mass within this (relative) of P could fall the other way, and the row goes to the exact path
 
 
 NATIVE_SOURCE = Path(__file__).with_name("nucleus_native.cpp")  # absent in remote-code copies: numpy then
+NATIVE_FLAGS = ("-fopenmp",)  # row blocks on the OpenMP runtime torch has loaded (see on_row_blocks)
 
 
 def _cpu_signature() -> str:
@@ -111,7 +114,7 @@ def _load_native():
     if not NATIVE_SOURCE.is_file():
         return None
     try:
-        path = _build_native(NATIVE_SOURCE)
+        path = _build_native(NATIVE_SOURCE, flags=NATIVE_FLAGS)
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
@@ -123,10 +126,15 @@ def _load_native():
     lib.nucleus_candidates.restype = i64
     lib.nucleus_exact.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     lib.nucleus_exact.restype = None
-    lib.mask_below.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.mask_below.argtypes = [ptr, i64, i64, i64, ptr, i32]
     lib.mask_below.restype = None
-    lib.row_stats.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.nucleus_thresholds.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr]
+    lib.nucleus_thresholds.restype = i64
+    lib.row_stats.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.row_stats.restype = None
+    lib.autodeco_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
+                                  i32, i64, i32, i32, f64, f64, f64, f64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.autodeco_rows.restype = i64
     return lib
 
 
@@ -222,12 +230,11 @@ def logit_stats(z: torch.Tensor, k: int = DEFAULT_K, moments: bool = True, fast:
     lib = native() if fast and _native_ok(z) and not z.requires_grad else None
     if lib is not None:
         n = z.shape[0]
-        values, indices = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
+        values, indices, lse = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64), torch.empty(n)
         sums = torch.empty(3, n, dtype=torch.float64)
         lib.row_stats(z.data_ptr(), n, z.stride(0), z.shape[1], k, values.data_ptr(), indices.data_ptr(),
-                      sums[0].data_ptr(), sums[1].data_ptr(), sums[2].data_ptr(), _threads())
+                      sums[0].data_ptr(), sums[1].data_ptr(), sums[2].data_ptr(), lse.data_ptr(), _threads())
         total, sum_ed, sum_e2 = sums
-        lse = (values[:, 0].double() + torch.log(total)).float()
         if not moments:
             return LogitStats(values, indices, lse, None, None, z.shape[-1])
         entropy = (torch.log(total) + sum_ed / total).float()
@@ -401,7 +408,7 @@ def _mask_below(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     lib = native() if _native_ok(z) else None
     if lib is not None:
         threshold = threshold.contiguous()
-        lib.mask_below(z.data_ptr(), z.shape[0], z.stride(0), z.shape[1], threshold.data_ptr())
+        lib.mask_below(z.data_ptr(), z.shape[0], z.stride(0), z.shape[1], threshold.data_ptr(), _threads())
         return z
     return z.masked_fill_(z < threshold.unsqueeze(-1), float("-inf"))
 
@@ -416,10 +423,20 @@ def nucleus_from_stats(
     a vocabulary-sized allocation per step).
     """
     top_p = top_p.to(z.dtype).clamp(min=0.0)
-    keep_all = top_p >= 1.0
-    threshold, resolved = _cutoff(stats.top_values, stats.lse, top_p)
-    threshold = threshold.masked_fill(keep_all, float("-inf"))
-    slow = (~resolved & ~keep_all).nonzero().squeeze(-1)  # flat rows, P near 1, a boundary tied with the last candidate
+    lib = native() if _native_ok(z) else None
+    if lib is not None:  # _cutoff's steps natively but for the masses (torch's exp: the contract)
+        values = stats.top_values.contiguous()
+        masses = torch.sub(values, stats.lse.unsqueeze(-1)).exp_()
+        top_p = top_p.contiguous()
+        threshold, flags = torch.empty(z.shape[0]), torch.empty(z.shape[0], dtype=torch.uint8)
+        count = lib.nucleus_thresholds(values.data_ptr(), masses.data_ptr(), values.shape[0], values.shape[1],
+                                       top_p.data_ptr(), threshold.data_ptr(), flags.data_ptr())
+        slow = flags.nonzero().squeeze(-1) if count else flags[:0].long()
+    else:
+        keep_all = top_p >= 1.0
+        threshold, resolved = _cutoff(stats.top_values, stats.lse, top_p)
+        threshold = threshold.masked_fill(keep_all, float("-inf"))
+        slow = (~resolved & ~keep_all).nonzero().squeeze(-1)  # flat rows, P near 1, a boundary tied with the last candidate
     if slow.numel():
         threshold[slow] = _slow_thresholds(z, slow, stats.top_values[slow, 0], stats.lse[slow], top_p[slow])
     return _mask_below(z if inplace else z.clone(), threshold)

@@ -19,6 +19,9 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -36,6 +39,7 @@ struct FlushDenormals {
 constexpr int KEY_SHIFT = 18;      // as nucleus.py: rungs are 1/32 of (1 + depth) wide
 constexpr float MAX_DEPTH = 64.0f;
 constexpr int CHUNK = 512;
+constexpr int64_t BLOCK = 64;  // block maxima: CHUNK is a multiple of it
 
 inline int32_t bits_of(float x) { int32_t i; std::memcpy(&i, &x, 4); return i; }
 inline float float_of(int32_t i) { float x; std::memcpy(&x, &i, 4); return x; }
@@ -129,15 +133,243 @@ void band_of_row(const Rows& a, int64_t r, int32_t* low_out, int32_t* high_out) 
     *high_out = std::min(high, a.n_keys - 1);
 }
 
-// work(r0, r1) on rows [0, n) split into `threads` contiguous blocks (at most one per row): the
-// first block on the calling thread, the others on threads started for this call.
+// ---------------------------------------------------------------------------- one row's statistics
+
+struct RowScratch {
+    explicit RowScratch(int64_t vocab) : n_blocks((vocab + BLOCK - 1) / BLOCK), order(n_blocks) {}
+    int64_t n_blocks;
+    std::vector<float> order;
+    std::vector<std::pair<float, int64_t>> cand;
+};
+
+// The maximum of each block of 64 of the row (8 lanes of 8, then across the lanes); the last block
+// may be shorter.
+void block_maxima(const float* zr, int64_t vocab, float* block_max) {
+    const int64_t full = vocab / BLOCK;
+    for (int64_t b = 0; b < full; ++b) {
+        float lane[8];
+        for (int l = 0; l < 8; ++l) lane[l] = zr[b * BLOCK + l];
+        for (int64_t j = 8; j < BLOCK; j += 8)
+            for (int l = 0; l < 8; ++l) lane[l] = std::max(lane[l], zr[b * BLOCK + j + l]);
+        float best = lane[0];
+        for (int l = 1; l < 8; ++l) best = std::max(best, lane[l]);
+        block_max[b] = best;
+    }
+    if (full * BLOCK < vocab) {
+        float best = -INFINITY;
+        for (int64_t j = full * BLOCK; j < vocab; ++j) best = std::max(best, zr[j]);
+        block_max[full] = best;
+    }
+}
+
+// zr = lr / t (float32 division, vectorised), then the block maxima of zr (still in L1/L2).
+void scale_with_block_maxima(const float* lr, int64_t vocab, float t, float* zr, float* block_max) {
+#pragma omp simd
+    for (int64_t j = 0; j < vocab; ++j) zr[j] = lr[j] / t;
+    block_maxima(zr, vocab, block_max);
+}
+
+// The k largest values of the row, sorted descending, and their token ids. They lie in the k blocks
+// with the largest maxima, and are >= the k-th largest block maximum (those k blocks hold k values
+// >= it): every value >= that floor lies in a block whose maximum is >= it. Requires k <= vocab.
+void top_of_row(const float* zr, int64_t vocab, int64_t k, const float* block_max, RowScratch& s, float* values,
+                int64_t* indices) {
+    const int64_t kb = std::min(k, s.n_blocks);
+    std::copy(block_max, block_max + s.n_blocks, s.order.begin());
+    std::nth_element(s.order.begin(), s.order.begin() + (kb - 1), s.order.end(), std::greater<float>());
+    const float floor = kb == k ? s.order[kb - 1] : -INFINITY;
+    s.cand.clear();
+    for (int64_t b = 0; b < s.n_blocks; ++b) {
+        if (!(block_max[b] >= floor)) continue;
+        for (int64_t j = b * BLOCK; j < std::min(vocab, (b + 1) * BLOCK); ++j)
+            if (zr[j] >= floor) s.cand.emplace_back(zr[j], j);
+    }
+    if (static_cast<int64_t>(s.cand.size()) < k) {  // only with NaN in the row: take it whole
+        s.cand.clear();
+        for (int64_t j = 0; j < vocab; ++j) s.cand.emplace_back(zr[j], j);
+    }
+    auto by_value = [](const auto& x, const auto& y) { return x.first > y.first; };
+    std::partial_sort(s.cand.begin(), s.cand.begin() + k, s.cand.end(), by_value);
+    for (int64_t i = 0; i < k; ++i) {
+        values[i] = s.cand[i].first;
+        indices[i] = s.cand[i].second;
+    }
+}
+
+// Around the row max m, with e = exp(z - m): sums[0..2] = sum e, sum e * (m - z), sum e^2 (float64;
+// float32 SIMD lanes summed into float64 every CHUNK tokens). Not inlined: row_stats and
+// autodeco_rows must get the same sums, bit for bit.
+__attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float m, double* sums) {
+    double total = 0.0, total_ed = 0.0, total_e2 = 0.0;
+    for (int64_t start = 0; start < vocab; start += CHUNK) {
+        const int64_t count = std::min<int64_t>(CHUNK, vocab - start);
+        float a = 0.0f, b = 0.0f, c = 0.0f;
+#pragma omp simd reduction(+ : a, b, c)
+        for (int64_t j = 0; j < count; ++j) {
+            const float zz = zr[start + j];
+            const float e = exp_nonpositive(zz - m);
+            a += e;
+            b += e * std::min(m - zz, FLT_MAX);  // z = -inf (e = 0) adds 0, not NaN
+            c += e * e;
+        }
+        total += a;
+        total_ed += b;
+        total_e2 += c;
+    }
+    sums[0] = total;
+    sums[1] = total_ed;
+    sums[2] = total_e2;
+}
+
+// The lse of a row from its max m and sum e (float64, then rounded): row_stats and autodeco_rows
+// both give nucleus.py this one.
+inline float lse_of(float m, double total) { return static_cast<float>(static_cast<double>(m) + std::log(total)); }
+
+// ---------------------------------------------------------------------------- one row's nucleus
+// The exact nucleus decided with this file's own exp (exp_nonpositive, within ~3 ulp of torch's):
+// every decision compares a float64 cumulative mass with P, and a cumulative within `close` (relative)
+// of P could fall on the other side with torch's masses. Such a row is handed back (REDO) to
+// nucleus.py's exact path (torch's exp); all others get the threshold the reference would.
+
+enum RowOutcome : uint8_t { SETTLED = 0, REDO = 1 };
+
+struct Crossing {
+    int64_t first;  // masses before it sum below P
+    bool close;     // a decision within `close` of P: the approximate masses cannot settle it
+};
+
+// Over masses e[0, n) after `base`: the first index whose cumulative reaches P (n if none).
+inline Crossing crossing(const float* e, int64_t n, double base, double p, double close, int64_t stride = 1) {
+    const double below = p * (1.0 - close), above = p * (1.0 + close);
+    double cumulative = base;
+    for (int64_t j = 0; j < n; ++j) {
+        cumulative += e[j * stride];
+        if (cumulative >= below) return {j, cumulative < above};
+    }
+    return {n, false};
+}
+
+struct NucleusScratch {
+    std::vector<float> masses;
+    std::vector<std::pair<float, float>> band;  // (value, mass) in the band, sorted descending
+};
+
+// One row's threshold into *threshold, or REDO. p >= 1 keeps the row whole (-inf); p <= 0 keeps its
+// top token (and ties). First the top candidates (values[k], sorted descending); where they do not
+// reach P, or the crossing ties the last of them, the slow path: the rung histogram's band (as
+// band_of_row), the tokens of rungs up to its last (blocks whose maximum lies below them skipped),
+// the mass above the band summed, the band sorted. A crossing outside the band is a REDO too.
+RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, int64_t k, float lse, float p32,
+                         const float* block_max, int32_t key_first, int32_t n_keys, double margin_cap,
+                         double tail_share, double margin_floor, double close, NucleusScratch& s, float* threshold) {
+    const double p = std::max(p32, 0.0f);
+    if (p >= 1.0) {
+        *threshold = -INFINITY;
+        return SETTLED;
+    }
+    if (!std::isfinite(lse)) return REDO;  // NaN or infinite logits: the caller's path copes
+    s.masses.resize(k);
+    for (int64_t j = 0; j < k; ++j) s.masses[j] = exp_nonpositive(values[j] - lse);
+    Crossing c = crossing(s.masses.data(), k, 0.0, p, close);
+    if (c.close) return REDO;
+    if (c.first < k && values[c.first] > values[k - 1]) {
+        *threshold = values[c.first];
+        return SETTLED;
+    }
+    const int64_t row = 0;
+    const float row_max = values[0];
+    Rows a{zr, 0, vocab, &row, &row_max, &p, key_first, n_keys, margin_cap, tail_share, margin_floor};
+    int32_t low, high;
+    band_of_row(a, 0, &low, &high);
+    const float top = row_max + 1.0f;
+    const float edge = float_of((high + key_first + 1) << KEY_SHIFT);
+    const float floor = high >= n_keys - 1 ? -INFINITY : top - edge - 1e-3f * (1.0f + std::fabs(top));
+    double base = 0.0;
+    s.band.clear();
+    int32_t key[BLOCK];
+    float shifted[BLOCK];
+    for (int64_t b = 0; b * BLOCK < vocab; ++b) {
+        if (!(block_max[b] >= floor)) continue;
+        const int64_t start = b * BLOCK, n = std::min<int64_t>(BLOCK, vocab - start);
+        rung_keys(zr + start, n, top, key_first, n_keys, key, shifted);
+        for (int64_t j = 0; j < n; ++j) {
+            if (key[j] > high) continue;
+            const float mass = exp_nonpositive(zr[start + j] - lse);
+            if (key[j] >= low)
+                s.band.emplace_back(zr[start + j], mass);
+            else
+                base += mass;
+        }
+    }
+    if (base >= p * (1.0 - close) || s.band.empty()) return REDO;  // the crossing lies above the band or near its top
+    std::sort(s.band.begin(), s.band.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+    c = crossing(&s.band[0].second, static_cast<int64_t>(s.band.size()), base, p, close, 2);
+    if (c.close || c.first >= static_cast<int64_t>(s.band.size())) return REDO;
+    *threshold = s.band[c.first].first;
+    return SETTLED;
+}
+
+// out[r] = w2 . relu(w1 [x_r, extra_r] + b1) + b2 for rows r < n: a head's MLP (w1 [width, h +
+// n_extra] row-major; the inputs are x's h values, then extra[r, n_extra]). Eight rows share each
+// read of a weight row. Sums in another order than torch's matmul: equal to float32 rounding.
+void mlp_rows(const float* x, int64_t x_stride, int64_t n, int64_t h, const float* extra, int64_t n_extra,
+              const float* w1, const float* b1, int64_t width, const float* w2, const float* b2, float* out) {
+    constexpr int R = 8;
+    const int64_t n_in = h + n_extra;
+    for (int64_t r0 = 0; r0 < n; r0 += R) {
+        const float* xs[R];
+        int64_t row[R];
+        for (int i = 0; i < R; ++i) {
+            row[i] = std::min<int64_t>(r0 + i, n - 1);  // a short group repeats its last row
+            xs[i] = x + row[i] * x_stride;
+        }
+        float o[R] = {};
+        for (int64_t j = 0; j < width; ++j) {
+            const float* w = w1 + j * n_in;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, a4 = 0.0f, a5 = 0.0f, a6 = 0.0f, a7 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+            for (int64_t c = 0; c < h; ++c) {
+                const float wc = w[c];
+                a0 += wc * xs[0][c];
+                a1 += wc * xs[1][c];
+                a2 += wc * xs[2][c];
+                a3 += wc * xs[3][c];
+                a4 += wc * xs[4][c];
+                a5 += wc * xs[5][c];
+                a6 += wc * xs[6][c];
+                a7 += wc * xs[7][c];
+            }
+            const float a[R] = {a0, a1, a2, a3, a4, a5, a6, a7};
+            for (int i = 0; i < R; ++i) {
+                float v = a[i] + b1[j];
+                for (int64_t e = 0; e < n_extra; ++e) v += w[h + e] * extra[row[i] * n_extra + e];
+                o[i] += w2[j] * std::max(v, 0.0f);
+            }
+        }
+        for (int i = 0; i < R && r0 + i < n; ++i) out[r0 + i] = o[i] + b2[0];
+    }
+}
+
+// work(r0, r1) on rows [0, n) split into `threads` contiguous blocks (at most one per row). Built
+// with OpenMP (nucleus.py builds it so), the blocks run on the OpenMP runtime torch has loaded: its
+// workers, still spinning after torch's last parallel operation, start at once, where a thread
+// started for the call would queue behind a spinning worker on the other core. Without OpenMP the
+// first block runs on the calling thread and the others on threads started for this call.
 template <class Work>
 void on_row_blocks(int64_t n, int32_t threads, const Work& work) {
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(static_cast<int>(blocks))
+    {
+        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+        work(n * t / count, n * (t + 1) / count);
+    }
+#else
     std::vector<std::thread> pool;
     for (int64_t t = 1; t < blocks; ++t) pool.emplace_back(work, n * t / blocks, n * (t + 1) / blocks);
     work(0, n / blocks);
     for (auto& th : pool) th.join();
+#endif
 }
 
 }  // namespace
@@ -152,8 +384,8 @@ extern "C" {
 int64_t nucleus_candidates(const float* z, int64_t stride, int64_t vocab, const int64_t* rows, int64_t m,
                            const float* row_max, const float* lse, const double* top_p,
                            int32_t key_first, int32_t n_keys, double margin_cap, double tail_share,
-                           double margin_floor, float* values, float* diffs, uint8_t* in_band,
-                           int64_t* counts, int32_t threads) {
+                           double margin_floor, float* values, float* diffs, uint8_t* in_band, int64_t* counts,
+                           int32_t threads) {
     Rows a{z, stride, vocab, rows, row_max, top_p, key_first, n_keys, margin_cap, tail_share, margin_floor};
     auto work = [&](int64_t r0, int64_t r1) {
         FlushDenormals guard;
@@ -237,88 +469,143 @@ void nucleus_exact(const float* values, const float* masses, const uint8_t* in_b
 //    SIMD lanes summed into float64 every CHUNK tokens). The entropy is log(sum e) + the second over
 //    the first: every term is >= 0, so nothing cancels (lse - E_p[z] loses digits on peaked rows).
 //    Tokens with e = 0 (z = -inf: a masked vocabulary) add nothing.
+//  * lse = m + log(sum e) (float64, rounded to float32; as autodeco_rows).
 // Two reads of each row (block maxima, then the sums) instead of torch's amax, two top-k's, a
 // gather and five passes for the sums. Requires k <= vocab.
 void row_stats(const float* z, int64_t n, int64_t stride, int64_t vocab, int64_t k, float* values,
-               int64_t* indices, double* sum_e, double* sum_ed, double* sum_e2, int32_t threads) {
-    constexpr int64_t BLOCK = 64;
+               int64_t* indices, double* sum_e, double* sum_ed, double* sum_e2, float* lse, int32_t threads) {
     auto work = [&](int64_t r0, int64_t r1) {
         FlushDenormals guard;
-        const int64_t n_blocks = (vocab + BLOCK - 1) / BLOCK, full = vocab / BLOCK;
-        std::vector<float> block_max(n_blocks), order(n_blocks);
-        std::vector<std::pair<float, int64_t>> cand;
+        RowScratch scratch(vocab);
+        std::vector<float> block_max(scratch.n_blocks);
         for (int64_t r = r0; r < r1; ++r) {
             const float* zr = z + r * stride;
-            for (int64_t b = 0; b < full; ++b) {  // 8 lanes of 8, then across the lanes
-                float lane[8];
-                for (int l = 0; l < 8; ++l) lane[l] = zr[b * BLOCK + l];
-                for (int64_t j = 8; j < BLOCK; j += 8)
-                    for (int l = 0; l < 8; ++l) lane[l] = std::max(lane[l], zr[b * BLOCK + j + l]);
-                float best = lane[0];
-                for (int l = 1; l < 8; ++l) best = std::max(best, lane[l]);
-                block_max[b] = best;
-            }
-            if (full < n_blocks) {
-                float best = -INFINITY;
-                for (int64_t j = full * BLOCK; j < vocab; ++j) best = std::max(best, zr[j]);
-                block_max[full] = best;
-            }
-            // The k largest values lie in the k blocks with the largest maxima, and are >= the k-th
-            // largest block maximum (those k blocks hold k values >= it): every value >= that floor
-            // lies in a block whose maximum is >= it.
-            const int64_t kb = std::min(k, n_blocks);
-            std::copy(block_max.begin(), block_max.end(), order.begin());
-            std::nth_element(order.begin(), order.begin() + (kb - 1), order.end(), std::greater<float>());
-            const float floor = kb == k ? order[kb - 1] : -INFINITY;
-            cand.clear();
-            for (int64_t b = 0; b < n_blocks; ++b) {
-                if (!(block_max[b] >= floor)) continue;
-                for (int64_t j = b * BLOCK; j < std::min(vocab, (b + 1) * BLOCK); ++j)
-                    if (zr[j] >= floor) cand.emplace_back(zr[j], j);
-            }
-            if (static_cast<int64_t>(cand.size()) < k) {  // only with NaN in the row: take it whole
-                cand.clear();
-                for (int64_t j = 0; j < vocab; ++j) cand.emplace_back(zr[j], j);
-            }
-            auto by_value = [](const auto& x, const auto& y) { return x.first > y.first; };
-            std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), by_value);
-            for (int64_t i = 0; i < k; ++i) {
-                values[r * k + i] = cand[i].first;
-                indices[r * k + i] = cand[i].second;
-            }
-            const float m = cand[0].first;
-            double total = 0.0, total_ed = 0.0, total_e2 = 0.0;
-            for (int64_t start = 0; start < vocab; start += CHUNK) {
-                const int64_t count = std::min<int64_t>(CHUNK, vocab - start);
-                float a = 0.0f, b = 0.0f, c = 0.0f;
-#pragma omp simd reduction(+ : a, b, c)
-                for (int64_t j = 0; j < count; ++j) {
-                    const float zz = zr[start + j];
-                    const float e = exp_nonpositive(zz - m);
-                    a += e;
-                    b += e * std::min(m - zz, FLT_MAX);  // z = -inf (e = 0) adds 0, not NaN
-                    c += e * e;
-                }
-                total += a;
-                total_ed += b;
-                total_e2 += c;
-            }
-            sum_e[r] = total;
-            sum_ed[r] = total_ed;
-            sum_e2[r] = total_e2;
+            block_maxima(zr, vocab, block_max.data());
+            top_of_row(zr, vocab, k, block_max.data(), scratch, values + r * k, indices + r * k);
+            double sums[3];
+            sums_of_row(zr, vocab, values[r * k], sums);
+            sum_e[r] = sums[0];
+            sum_ed[r] = sums[1];
+            sum_e2[r] = sums[2];
+            lse[r] = lse_of(values[r * k], sums[0]);
         }
     };
     on_row_blocks(n, threads, work);
 }
 
-// z[rows, :] = z >= threshold ? z : -inf, in place (rows of length vocab, `stride` apart).
-void mask_below(float* z, int64_t n, int64_t stride, int64_t vocab, const float* threshold) {
+// One AutoDeco decoding step on n rows (heads.model.decode with both heads on), in three phases on
+// each thread's rows:
+//  1. T = 2 sigmoid(temperature MLP(h)) (temperature[n]); z = logits / max(T, 1e-6) into z [n, vocab]
+//     (float32 division, as torch divides) and its block maxima; row_stats' top-k candidates and
+//     sums (the same functions, so the same values and lse bit for bit: values[n, k], indices[n, k],
+//     lse[n]) and the top-p head's four features (max prob, entropy, variance, top-5 mass);
+//  2. P = sigmoid(top-p MLP(h, T[, features])) (top_p[n]);
+//  3. each row's nucleus (row_threshold) and its masking, in place in z.
+// status[r] = REDO where row r's nucleus is left to the caller (z unmasked; see row_threshold);
+// returns the number of such rows. The heads' weights are row-major float32: w1 [width, inputs],
+// b1 [width], w2 [width], b2 [1]. A row stays on one thread from its scaling to its masking.
+int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, const float* logits,
+                      int64_t logits_stride, int64_t vocab, int64_t n, const float* t_w1, const float* t_b1,
+                      const float* t_w2, const float* t_b2, int64_t t_width, const float* p_w1, const float* p_b1,
+                      const float* p_w2, const float* p_b2, int64_t p_width, int32_t enhanced, int64_t k,
+                      int32_t key_first, int32_t n_keys, double margin_cap, double tail_share, double margin_floor,
+                      double close, float* z, float* values, int64_t* indices, float* lse, float* temperature,
+                      float* top_p, uint8_t* status, int32_t threads) {
+    auto work = [&](int64_t r0, int64_t r1) {
+        if (r1 <= r0) return;
+        FlushDenormals guard;
+        RowScratch scratch(vocab);
+        NucleusScratch nucleus;
+        const int64_t rows = r1 - r0, n_extra = enhanced ? 5 : 1;
+        std::vector<float> out(rows), extra(rows * n_extra), block_max(rows * scratch.n_blocks);
+        mlp_rows(hidden + r0 * hidden_stride, hidden_stride, rows, h, nullptr, 0, t_w1, t_b1, t_width, t_w2, t_b2,
+                 out.data());
+        for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = r0 + i;
+            const float t = 2.0f / (1.0f + std::exp(-out[i]));
+            temperature[r] = t;
+            float* zr = z + r * vocab;
+            float* bmax = block_max.data() + i * scratch.n_blocks;
+            scale_with_block_maxima(logits + r * logits_stride, vocab, std::max(t, 1e-6f), zr, bmax);
+            float* top = values + r * k;
+            top_of_row(zr, vocab, k, bmax, scratch, top, indices + r * k);
+            double sums[3];
+            sums_of_row(zr, vocab, top[0], sums);
+            const double total = sums[0];
+            const float l = lse_of(top[0], total);
+            lse[r] = l;
+            float* f = extra.data() + i * n_extra;
+            f[0] = t;
+            if (!enhanced) continue;
+            float top5 = 0.0f;
+            for (int64_t j = 0; j < std::min<int64_t>(5, k); ++j) top5 += std::exp(top[j] - l);
+            const float sum_p2 = static_cast<float>(sums[2] / (total * total));
+            f[1] = std::exp(top[0] - l);
+            f[2] = static_cast<float>(std::log(total) + sums[1] / total);
+            f[3] = (sum_p2 - 1.0f / static_cast<float>(vocab)) / static_cast<float>(std::max<int64_t>(vocab - 1, 1));
+            f[4] = top5;
+        }
+        mlp_rows(hidden + r0 * hidden_stride, hidden_stride, rows, h, extra.data(), n_extra, p_w1, p_b1, p_width,
+                 p_w2, p_b2, out.data());
+        for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = r0 + i;
+            top_p[r] = 1.0f / (1.0f + std::exp(-out[i]));
+            float t = -INFINITY;
+            float* zr = z + r * vocab;
+            status[r] = row_threshold(zr, vocab, values + r * k, k, lse[r], top_p[r],
+                                      block_max.data() + i * scratch.n_blocks, key_first, n_keys, margin_cap,
+                                      tail_share, margin_floor, close, nucleus, &t);
+            if (status[r] != SETTLED || !(t > -INFINITY)) continue;
+#pragma omp simd
+            for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
+        }
+    };
+    on_row_blocks(n, threads, work);
+    int64_t redo = 0;
+    for (int64_t r = 0; r < n; ++r) redo += status[r] != SETTLED;
+    return redo;
+}
+
+// Each row's threshold from its k top candidates (values[n, k], sorted descending) and their masses
+// (masses[n, k]: float32 exp(v - lse) as torch computed them), as heads.nucleus._cutoff does in
+// torch: the cumulative (float64, rounded to float32: torch's cumsum on the CPU) is below P at
+// `first` positions; threshold = values[min(first, k - 1)]. A row is settled where first < k and the
+// threshold lies above the last candidate (tokens outside the candidates could tie it), or where
+// P >= 1 (threshold -inf: keep the row whole). slow[r] = 1 for the others; returns their number.
+int64_t nucleus_thresholds(const float* values, const float* masses, int64_t n, int64_t k, const float* top_p,
+                           float* threshold, uint8_t* slow) {
+    int64_t count = 0;
     for (int64_t r = 0; r < n; ++r) {
-        float* zr = z + r * stride;
-        const float t = threshold[r];
-        if (!(t > -INFINITY)) continue;
-        for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
+        const float* v = values + r * k;
+        const float* e = masses + r * k;
+        const float p = std::max(top_p[r], 0.0f);
+        double cumulative = 0.0;
+        int64_t first = 0;
+        for (int64_t j = 0; j < k; ++j) {
+            cumulative += e[j];
+            first += static_cast<float>(cumulative) < p;
+        }
+        const float t = v[std::min(first, k - 1)];
+        const bool keep_all = p >= 1.0f;
+        threshold[r] = keep_all ? -INFINITY : t;
+        slow[r] = !keep_all && !(first < k && t > v[k - 1]);
+        count += slow[r];
     }
+    return count;
+}
+
+// z[rows, :] = z >= threshold ? z : -inf, in place (rows of length vocab, `stride` apart; threshold
+// -inf leaves the row whole), rows split between `threads` threads.
+void mask_below(float* z, int64_t n, int64_t stride, int64_t vocab, const float* threshold, int32_t threads) {
+    on_row_blocks(n, threads, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            float* zr = z + r * stride;
+            const float t = threshold[r];
+            if (!(t > -INFINITY)) continue;
+#pragma omp simd
+            for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
+        }
+    });
 }
 
 }  // extern "C"

@@ -29,7 +29,8 @@ sdpa; median decode step of 24, four alternating runs each): ``inplace`` 166-197
 
 AutoDeco models (``model_type == "autodeco"``: heads-only or merged folders) load through
 ``heads.model.AutoDecoModelForCausalLM``; the preset's ``heads`` switch the heads on, and a forward
-hook records the predicted T and P of every generated token. Only the base model's linear layers
+hook records the predicted T and P of every generated token (presets without heads run the base
+model alone and record none, as the vLLM backend). Only the base model's linear layers
 are packed: the heads stay float32.
 """
 
