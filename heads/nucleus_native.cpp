@@ -22,6 +22,9 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -196,11 +199,26 @@ void top_of_row(const float* zr, int64_t vocab, int64_t k, const float* block_ma
     }
 }
 
+// The slow path's guide, gathered by the sums pass from its own e: the mass of the tokens within
+// each of these depths (nats) below the row max. The band where a row's nucleus ends lies between
+// two of them; autodeco_rows' nucleus then reads only that shell's tokens closely.
+constexpr int N_SHELLS = 12;
+constexpr float SHELL_DEPTHS[N_SHELLS] = {1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20};
+
+inline void shell_bounds(float m, float* bounds) {
+    for (int i = 0; i < N_SHELLS; ++i) bounds[i] = m - SHELL_DEPTHS[i];
+}
+
 // Around the row max m, with e = exp(z - m): sums[0..2] = sum e, sum e * (m - z), sum e^2 (float64;
-// float32 SIMD lanes summed into float64 every CHUNK tokens). Not inlined: row_stats and
-// autodeco_rows must get the same sums, bit for bit.
-__attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float m, double* sums) {
+// float32 SIMD lanes summed into float64 every CHUNK tokens). With `shells`, also shells[i] = the sum
+// of e over z > m - SHELL_DEPTHS[i] (a guide: float32 within a chunk). Not inlined, and the sums
+// loop the same with or without shells: row_stats and autodeco_rows must get the same sums, bit
+// for bit.
+__attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float m, double* sums, double* shells) {
     double total = 0.0, total_ed = 0.0, total_e2 = 0.0;
+    float ev[CHUNK], bounds[N_SHELLS];
+    shell_bounds(m, bounds);
+    if (shells != nullptr) std::fill(shells, shells + N_SHELLS, 0.0);
     for (int64_t start = 0; start < vocab; start += CHUNK) {
         const int64_t count = std::min<int64_t>(CHUNK, vocab - start);
         float a = 0.0f, b = 0.0f, c = 0.0f;
@@ -208,6 +226,7 @@ __attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float
         for (int64_t j = 0; j < count; ++j) {
             const float zz = zr[start + j];
             const float e = exp_nonpositive(zz - m);
+            ev[j] = e;
             a += e;
             b += e * std::min(m - zz, FLT_MAX);  // z = -inf (e = 0) adds 0, not NaN
             c += e * e;
@@ -215,6 +234,26 @@ __attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float
         total += a;
         total_ed += b;
         total_e2 += c;
+        if (shells == nullptr) continue;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0, s9 = 0, s10 = 0, s11 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11)
+        for (int64_t j = 0; j < count; ++j) {
+            const float zz = zr[start + j], e = ev[j];
+            s0 += zz > bounds[0] ? e : 0.0f;
+            s1 += zz > bounds[1] ? e : 0.0f;
+            s2 += zz > bounds[2] ? e : 0.0f;
+            s3 += zz > bounds[3] ? e : 0.0f;
+            s4 += zz > bounds[4] ? e : 0.0f;
+            s5 += zz > bounds[5] ? e : 0.0f;
+            s6 += zz > bounds[6] ? e : 0.0f;
+            s7 += zz > bounds[7] ? e : 0.0f;
+            s8 += zz > bounds[8] ? e : 0.0f;
+            s9 += zz > bounds[9] ? e : 0.0f;
+            s10 += zz > bounds[10] ? e : 0.0f;
+            s11 += zz > bounds[11] ? e : 0.0f;
+        }
+        const float part[N_SHELLS] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11};
+        for (int i = 0; i < N_SHELLS; ++i) shells[i] += part[i];
     }
     sums[0] = total;
     sums[1] = total_ed;
@@ -233,6 +272,43 @@ inline float lse_of(float m, double total) { return static_cast<float>(static_ca
 
 enum RowOutcome : uint8_t { SETTLED = 0, REDO = 1 };
 
+// The values of x[0, n) above `floor`, in order, written from out[0] (which has room for n + 8, the
+// last vector store's spill); returns how many. With AVX2 eight at a time (a compare's mask picks a
+// left-packing permutation), else branch-free: every value written, the count advanced for those kept.
+#if defined(__AVX2__)
+struct LeftPack {
+    alignas(32) int32_t lanes[256][8];
+    LeftPack() {
+        for (int mask = 0; mask < 256; ++mask) {
+            int k = 0;
+            for (int bit = 0; bit < 8; ++bit)
+                if (mask >> bit & 1) lanes[mask][k++] = bit;
+            for (; k < 8; ++k) lanes[mask][k] = 0;
+        }
+    }
+};
+const LeftPack LEFT_PACK;
+#endif
+
+inline int64_t gather_above(const float* x, int64_t n, float floor, float* out) {
+    int64_t count = 0, j = 0;
+#if defined(__AVX2__)
+    const __m256 f = _mm256_set1_ps(floor);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, f, _CMP_GT_OQ));
+        const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(LEFT_PACK.lanes[mask]));
+        _mm256_storeu_ps(out + count, _mm256_permutevar8x32_ps(v, lanes));
+        count += __builtin_popcount(mask);
+    }
+#endif
+    for (; j < n; ++j) {
+        out[count] = x[j];
+        count += x[j] > floor;
+    }
+    return count;
+}
+
 struct Crossing {
     int64_t first;  // masses before it sum below P
     bool close;     // a decision within `close` of P: the approximate masses cannot settle it
@@ -250,18 +326,29 @@ inline Crossing crossing(const float* e, int64_t n, double base, double p, doubl
 }
 
 struct NucleusScratch {
-    std::vector<float> masses;
-    std::vector<std::pair<float, float>> band;  // (value, mass) in the band, sorted descending
+    std::vector<float> masses, values;
+    std::vector<std::pair<float, float>> band;  // (value, mass)
+    std::vector<int32_t> keys;
+    std::vector<double> hist;
 };
+
+constexpr size_t REFINE = 256;  // a band larger than this is narrowed by a rung histogram of its tokens
 
 // One row's threshold into *threshold, or REDO. p >= 1 keeps the row whole (-inf); p <= 0 keeps its
 // top token (and ties). First the top candidates (values[k], sorted descending); where they do not
-// reach P, or the crossing ties the last of them, the slow path: the rung histogram's band (as
-// band_of_row), the tokens of rungs up to its last (blocks whose maximum lies below them skipped),
-// the mass above the band summed, the band sorted. A crossing outside the band is a REDO too.
+// reach P, or the crossing ties the last of them, the slow path:
+//  * the band: between the shells (shells[i]: the guide mass above m - SHELL_DEPTHS[i], of total)
+//    where the guide's cumulative crosses P -/+ margin (the margins of nucleus.py);
+//  * one read of the row (blocks whose maximum is below the band skipped): the masses above the band
+//    summed (float64), the band's tokens and masses kept;
+//  * a band of more than REFINE tokens narrowed to the rungs (as rung_keys) where its cumulative
+//    crosses P -/+ margin, the tokens above them added to the sum;
+//  * the band sorted descending, the cumulative continued from the sum to the crossing.
+// A crossing outside the band (the guide erred) is a REDO too.
 RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, int64_t k, float lse, float p32,
-                         const float* block_max, int32_t key_first, int32_t n_keys, double margin_cap,
-                         double tail_share, double margin_floor, double close, NucleusScratch& s, float* threshold) {
+                         const float* block_max, const double* shells, double total, int32_t key_first,
+                         int32_t n_keys, double margin_cap, double tail_share, double margin_floor, double close,
+                         NucleusScratch& s, float* threshold) {
     const double p = std::max(p32, 0.0f);
     if (p >= 1.0) {
         *threshold = -INFINITY;
@@ -276,32 +363,69 @@ RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, in
         *threshold = values[c.first];
         return SETTLED;
     }
-    const int64_t row = 0;
-    const float row_max = values[0];
-    Rows a{zr, 0, vocab, &row, &row_max, &p, key_first, n_keys, margin_cap, tail_share, margin_floor};
-    int32_t low, high;
-    band_of_row(a, 0, &low, &high);
-    const float top = row_max + 1.0f;
-    const float edge = float_of((high + key_first + 1) << KEY_SHIFT);
-    const float floor = high >= n_keys - 1 ? -INFINITY : top - edge - 1e-3f * (1.0f + std::fabs(top));
-    double base = 0.0;
-    s.band.clear();
-    int32_t key[BLOCK];
-    float shifted[BLOCK];
-    for (int64_t b = 0; b * BLOCK < vocab; ++b) {
-        if (!(block_max[b] >= floor)) continue;
-        const int64_t start = b * BLOCK, n = std::min<int64_t>(BLOCK, vocab - start);
-        rung_keys(zr + start, n, top, key_first, n_keys, key, shifted);
-        for (int64_t j = 0; j < n; ++j) {
-            if (key[j] > high) continue;
-            const float mass = exp_nonpositive(zr[start + j] - lse);
-            if (key[j] >= low)
-                s.band.emplace_back(zr[start + j], mass);
-            else
-                base += mass;
+    const double margin = std::min(margin_cap, std::max(margin_floor, tail_share * (1.0 - p)));
+    const float m = values[0];
+    float bounds[N_SHELLS];
+    shell_bounds(m, bounds);
+    float z_hi = INFINITY, z_lo = -INFINITY;  // the band: z_lo < z <= z_hi
+    for (int i = 0; i < N_SHELLS; ++i) {
+        if (shells[i] < (p - margin) * total) z_hi = bounds[i];
+        if (shells[i] >= (p + margin) * total) {
+            z_lo = bounds[i];
+            break;
         }
     }
+    // The tokens above the band's bottom (a few percent of the row), gathered branch-free: every token
+    // written, the count advanced for those kept.
+    s.values.resize(vocab + 8);
+    int64_t count = 0;
+    for (int64_t b = 0; b * BLOCK < vocab; ++b) {
+        if (block_max[b] > z_lo)
+            count += gather_above(zr + b * BLOCK, std::min<int64_t>(BLOCK, vocab - b * BLOCK), z_lo,
+                                  s.values.data() + count);
+    }
+    s.masses.resize(count);
+    double base = 0.0;
+#pragma omp simd reduction(+ : base)
+    for (int64_t j = 0; j < count; ++j) {
+        s.masses[j] = exp_nonpositive(s.values[j] - lse);
+        base += s.values[j] > z_hi ? static_cast<double>(s.masses[j]) : 0.0;
+    }
+    s.band.resize(count);
+    size_t at = 0;
+    for (int64_t j = 0; j < count; ++j) {
+        s.band[at] = {s.values[j], s.masses[j]};
+        at += s.values[j] <= z_hi;
+    }
+    s.band.resize(at);
     if (base >= p * (1.0 - close) || s.band.empty()) return REDO;  // the crossing lies above the band or near its top
+    if (s.band.size() > REFINE) {  // narrow: the rungs of the band's tokens where base + their cumulative crosses P
+        const int64_t n = static_cast<int64_t>(s.band.size());
+        s.values.resize(n);
+        s.keys.resize(n);
+        s.masses.resize(n);
+        for (int64_t j = 0; j < n; ++j) s.values[j] = s.band[j].first;
+        rung_keys(s.values.data(), n, m + 1.0f, key_first, n_keys, s.keys.data(), s.masses.data());
+        s.hist.assign(n_keys, 0.0);
+        for (int64_t j = 0; j < n; ++j) s.hist[s.keys[j]] += s.band[j].second;
+        int32_t low = 0, high = 0;
+        double cumulative = base;
+        for (int32_t q = 0; q < n_keys; ++q) {
+            cumulative += s.hist[q];
+            low += cumulative < p - margin;
+            high += cumulative < p + margin;
+        }
+        high = std::min(high, n_keys - 1);
+        int64_t kept = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            if (s.keys[j] < low)
+                base += s.band[j].second;
+            else if (s.keys[j] <= high)
+                s.band[kept++] = s.band[j];
+        }
+        s.band.resize(kept);
+        if (base >= p * (1.0 - close) || s.band.empty()) return REDO;
+    }
     std::sort(s.band.begin(), s.band.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
     c = crossing(&s.band[0].second, static_cast<int64_t>(s.band.size()), base, p, close, 2);
     if (c.close || c.first >= static_cast<int64_t>(s.band.size())) return REDO;
@@ -483,7 +607,7 @@ void row_stats(const float* z, int64_t n, int64_t stride, int64_t vocab, int64_t
             block_maxima(zr, vocab, block_max.data());
             top_of_row(zr, vocab, k, block_max.data(), scratch, values + r * k, indices + r * k);
             double sums[3];
-            sums_of_row(zr, vocab, values[r * k], sums);
+            sums_of_row(zr, vocab, values[r * k], sums, nullptr);
             sum_e[r] = sums[0];
             sum_ed[r] = sums[1];
             sum_e2[r] = sums[2];
@@ -518,6 +642,7 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
         NucleusScratch nucleus;
         const int64_t rows = r1 - r0, n_extra = enhanced ? 5 : 1;
         std::vector<float> out(rows), extra(rows * n_extra), block_max(rows * scratch.n_blocks);
+        std::vector<double> shells(rows * N_SHELLS), totals(rows);
         mlp_rows(hidden + r0 * hidden_stride, hidden_stride, rows, h, nullptr, 0, t_w1, t_b1, t_width, t_w2, t_b2,
                  out.data());
         for (int64_t i = 0; i < rows; ++i) {
@@ -530,8 +655,9 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             float* top = values + r * k;
             top_of_row(zr, vocab, k, bmax, scratch, top, indices + r * k);
             double sums[3];
-            sums_of_row(zr, vocab, top[0], sums);
+            sums_of_row(zr, vocab, top[0], sums, shells.data() + i * N_SHELLS);
             const double total = sums[0];
+            totals[i] = total;
             const float l = lse_of(top[0], total);
             lse[r] = l;
             float* f = extra.data() + i * n_extra;
@@ -553,8 +679,9 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             float t = -INFINITY;
             float* zr = z + r * vocab;
             status[r] = row_threshold(zr, vocab, values + r * k, k, lse[r], top_p[r],
-                                      block_max.data() + i * scratch.n_blocks, key_first, n_keys, margin_cap,
-                                      tail_share, margin_floor, close, nucleus, &t);
+                                      block_max.data() + i * scratch.n_blocks, shells.data() + i * N_SHELLS,
+                                      totals[i], key_first, n_keys, margin_cap, tail_share, margin_floor, close,
+                                      nucleus, &t);
             if (status[r] != SETTLED || !(t > -INFINITY)) continue;
 #pragma omp simd
             for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;

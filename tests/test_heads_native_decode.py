@@ -1,0 +1,197 @@
+"""The native AutoDeco decoding step (heads.model.native_decode, ``autodeco_rows``) against the
+torch steps it replaces: the same T and P to float32 rounding, and the exact nucleus of its own
+z = l / T at its own P, bit for bit, on SmolLM2's real logits, synthetic extremes and rows handed
+back to the torch-exp path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heads.model as model
+import heads.nucleus as nucleus
+from heads.model import AutoDecoModelForCausalLM, decode, native_decode
+from heads.modules import TempHead, TopPHead
+
+from .test_heads_nucleus import sorted_reference
+
+pytestmark = pytest.mark.skipif(nucleus.native() is None, reason="no C++ compiler: the native step is not built")
+
+
+@pytest.fixture(scope="module")
+def smollm2_rows(smollm2_path):
+    """(hidden [40, H], logits [40, V]) of SmolLM2 at 40 positions of natural text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = ("The history of mathematics spans thousands of years. Early civilizations developed "
+            "arithmetic and geometry for trade and astronomy. Question: a train travels 120 kilometres "
+            "in 1.5 hours. What is its average speed? Answer: 120 / 1.5 = 80 kilometres per hour.")
+    ids = AutoTokenizer.from_pretrained(smollm2_path)(text, return_tensors="pt").input_ids[:, :40]
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = base(ids, output_hidden_states=True)
+    return out.hidden_states[-1][0].contiguous(), out.logits[0].contiguous()
+
+
+def heads(hidden_size: int, *, temperature: float | None = None, top_p: float | None = None, seed: int = 0,
+          enhanced: bool = True) -> tuple[TempHead, TopPHead]:
+    """Random heads; with ``temperature`` / ``top_p`` their last layer predicts that value for every row."""
+    torch.manual_seed(seed)
+    temp, top = TempHead(hidden_size), TopPHead(hidden_size, use_enhanced_features=enhanced)
+    with torch.no_grad():
+        for head, value in ((temp, None if temperature is None else temperature / 2), (top, top_p)):
+            torch.nn.init.normal_(head.mlp[0].weight, std=0.05)
+            if value is None:
+                torch.nn.init.normal_(head.mlp[2].weight, std=0.5)
+            else:
+                head.mlp[2].weight.zero_()
+                head.mlp[2].bias.fill_(float(torch.logit(torch.tensor(value, dtype=torch.float64))))
+    return temp, top
+
+
+def torch_steps(temp, top, hidden, logits):
+    """decode's torch steps (the path native_decode replaces)."""
+    saved = model.native_decode
+    model.native_decode = lambda *args: None
+    try:
+        return decode(temp, top, hidden, logits, use_temperature=True, use_top_p=True)
+    finally:
+        model.native_decode = saved
+
+
+def check_exact(z, temperature, top_p, logits):
+    """The native output is the reference nucleus of its own z = l / T at its own P."""
+    scaled = logits.float() / temperature.float().clamp_min(1e-6).unsqueeze(-1)
+    want = sorted_reference(scaled, top_p.float())
+    assert torch.equal(z, want), f"{(z != want).sum()} entries differ"
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
+@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999])
+def test_real_rows_forced_heads_match_the_torch_steps_exactly(smollm2_rows, threads, temperature, top_p):
+    """T and P forced (the heads' last layers zero): both paths give the same T, P and logits, bit for
+    bit, at the P where trained heads live (most rows on the slow path from P = 0.9 on)."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], temperature=temperature, top_p=top_p)
+    with torch.inference_mode():
+        z, t, p = native_decode(temp, top, hidden, logits)
+        z_ref, t_ref, p_ref = torch_steps(temp, top, hidden, logits)
+    assert torch.equal(t, t_ref) and torch.equal(p, p_ref)
+    assert torch.equal(z, z_ref)
+    check_exact(z, t, p, logits)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_real_rows_random_heads(smollm2_rows, threads, seed):
+    """Random heads (T from ~0 to 2, P from ~0 to ~1 - 1e-7, rows handed back near P = 1): T and P
+    within float32 rounding of the torch steps, the nucleus exact for the native T and P."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], seed=seed)
+    with torch.inference_mode():
+        z, t, p = native_decode(temp, top, hidden, logits)
+        _, t_ref, p_ref = torch_steps(temp, top, hidden, logits)
+    torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    check_exact(z, t, p, logits)
+
+
+def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatch):
+    """With a closeness margin of 1 every unsettled row is handed back: still exact, and the exact
+    path ran on exactly those rows."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], temperature=1.0, top_p=0.95)
+    handed = []
+    original = model.nucleus_from_stats
+
+    def spy(z, stats, top_p, inplace=False):
+        handed.append(z.shape[0])
+        return original(z, stats, top_p, inplace)
+
+    monkeypatch.setattr(model, "CLOSE", 1.0)
+    monkeypatch.setattr(model, "nucleus_from_stats", spy)
+    with torch.inference_mode():
+        z, t, p = native_decode(temp, top, hidden, logits)
+    assert handed == [hidden.shape[0]]  # P < 1 everywhere: every row decided within the margin
+    check_exact(z, t, p, logits)
+
+
+def _synthetic(vocab: int, hidden_size: int):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(8, hidden_size, generator=g)
+    yield "random", hidden, torch.randn(8, vocab, generator=g) * 3
+    yield "peaked", hidden, torch.randn(8, vocab, generator=g) * 12
+    yield "flat", hidden, torch.randn(8, vocab, generator=g) * 0.05
+    yield "ties", hidden, torch.randint(0, 4, (8, vocab), generator=g).float()
+    one_hot = torch.full((8, vocab), -30.0)
+    one_hot[:, 7] = 10.0
+    yield "one-hot", hidden, one_hot
+    masked = torch.randn(8, vocab, generator=g) * 2
+    masked[:, ::3] = float("-inf")
+    yield "masked", hidden, masked
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 333])
+@pytest.mark.parametrize("top_p", [0.0, 0.5, 0.9, 0.999, 1.0])
+def test_synthetic_rows(threads, vocab, top_p):
+    """Ties, one-hot, flat and -inf-masked rows, vocabularies not a multiple of the blocks: exact."""
+    for name, hidden, logits in _synthetic(vocab, 16):
+        temp, top = heads(16, temperature=1.3, top_p=min(top_p, 1 - 1e-7) if top_p < 1 else 0.99999994)
+        with torch.inference_mode():
+            z, t, p = native_decode(temp, top, hidden, logits)
+        check_exact(z, t, p, logits)
+        assert torch.isfinite(z).sum(-1).min() >= 1, name
+
+
+def test_nan_rows_follow_the_torch_path():
+    """A row with NaN logits is handed back; the others are exact."""
+    g = torch.Generator().manual_seed(4)
+    hidden, logits = torch.randn(4, 16, generator=g), torch.randn(4, 2000, generator=g) * 3
+    logits[2, 5] = float("nan")
+    temp, top = heads(16, temperature=1.0, top_p=0.9)
+    with torch.inference_mode():
+        z, t, p = native_decode(temp, top, hidden, logits)
+    ok = torch.tensor([0, 1, 3])
+    check_exact(z[ok], t[ok], p[ok], logits[ok])
+
+
+def test_heads_without_features_and_batched_shapes(smollm2_rows):
+    """A top-p head without the enhanced features; [B, L, H] inputs give [B, L] T and P."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], seed=5, enhanced=False)
+    with torch.inference_mode():
+        z, t, p = native_decode(temp, top, hidden[:12].reshape(3, 4, -1), logits[:12].reshape(3, 4, -1))
+        _, t_ref, p_ref = torch_steps(temp, top, hidden[:12], logits[:12])
+    assert z.shape == (3, 4, logits.shape[-1]) and t.shape == p.shape == (3, 4)
+    torch.testing.assert_close(p.reshape(-1), p_ref, rtol=1e-5, atol=1e-6)
+    check_exact(z.reshape(12, -1), t.reshape(-1), p.reshape(-1), logits[:12])
+
+
+def test_where_it_does_not_apply_decode_runs_the_torch_steps(smollm2_rows):
+    """Gradients on or heads not float32: no native step (None), decode's torch steps instead."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], seed=6)
+    assert native_decode(temp, top, hidden[:2], logits[:2]) is None  # gradients enabled
+    with torch.inference_mode():
+        assert native_decode(temp.double(), top, hidden[:2], logits[:2]) is None
+        z, t, p = decode(temp.double(), top.double(), hidden[:2], logits[:2], use_temperature=True, use_top_p=True)
+    assert z.shape == logits[:2].shape and t.dtype == torch.float64
+
+
+def test_model_with_heads_off_runs_no_heads(smollm2_path):
+    """set_decoding(False, False): the base logits and no T / P (as the vLLM plugin)."""
+    ad = AutoDecoModelForCausalLM.from_base(str(smollm2_path)).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        off = ad.set_decoding(False, False)(ids)
+        on = ad.set_decoding(True, True)(ids)
+    assert off.temperature is None and off.top_p is None
+    assert torch.equal(off.logits, off.base_logits) and torch.equal(off.base_logits, on.base_logits)
+    assert on.temperature.shape == (1, 4)
