@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,58 +243,80 @@ def dynamic_logits(base_logits, temperature, top_p, z=None, stats=None, *, use_t
     return z.reshape(shape)
 
 
-def _head_tensors(head: nn.Module) -> list[torch.Tensor] | None:
+def _head_tensors(head: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """w1, b1, w2, b2 of a head's MLP as the native step reads them (float32, contiguous, on the
-    CPU), or None if they are not."""
-    first, last = head.mlp[0], head.mlp[2]
-    tensors = [first.weight, first.bias, last.weight, last.bias]
-    if any(t is None or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        return None
+    CPU), or None if they are not. (Straight from the modules' dicts: at every decoding step, cheap.)"""
+    modules = head.mlp._modules
+    first, last = modules["0"]._parameters, modules["2"]._parameters
+    tensors = (first["weight"], first["bias"], last["weight"], last["bias"])
+    for t in tensors:
+        if t is None or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return None
     return tensors
+
+
+_scratch = threading.local()
+
+
+def _native_scratch(n: int, k: int) -> tuple:
+    """Per-thread buffers the native step writes but does not return (top values, their ids, lse,
+    row status) and their addresses, reused while the row count stays (and per inference mode: see
+    nucleus._workspace)."""
+    key = (n, k, torch.is_inference_mode_enabled())
+    cached = getattr(_scratch, "buffers", None)
+    if cached is None or cached[0] != key:
+        tensors = (torch.empty(n, k), torch.empty(n, k, dtype=torch.int64), torch.empty(n),
+                   torch.empty(n, dtype=torch.uint8))
+        cached = _scratch.buffers = (key, tensors, tuple(t.data_ptr() for t in tensors))
+    return cached[1], cached[2]
 
 
 def native_decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor):
     """``decode`` with both heads in one native call (heads/nucleus_native.cpp, ``autodeco_rows``):
-    both MLPs, z = l / T, the row statistics and features, and each row's exact nucleus and masking,
-    a row on one thread from its scaling to its masking (so it stays in that core's cache). The
-    nucleus there decides with the file's own exp; a row where that could differ from torch's (a
+    both MLPs, z = l / T, the row statistics and features, and each row's exact nucleus and masking.
+    The nucleus there decides with the file's own exp; a row where that could differ from torch's (a
     cumulative mass within ``CLOSE`` of P), or whose band misses the crossing, is finished here by
     ``nucleus_from_stats`` (torch's exp: the contract). None where the call does not apply (no
     compiler, not the CPU, gradients on, heads not float32); the caller then runs the torch steps. T
     and P agree with those to float32 rounding (other summation orders); the nucleus is exact for
-    the z and P returned.
+    the z and P returned. Python here is kept to a few operations: at a decoding step, with caches
+    cold from the model's forward, each costs tens of microseconds.
     """
     lib = native()
-    if lib is None or torch.is_grad_enabled() or hidden.device.type != "cpu" or base_logits.device.type != "cpu":
+    if lib is None or torch.is_grad_enabled() or not (hidden.is_cpu and base_logits.is_cpu):
         return None
     temp, top = _head_tensors(temp_head), _head_tensors(top_p_head)
-    size = hidden.shape[-1]
-    enhanced = bool(top_p_head.use_enhanced_features)
-    if (temp is None or top is None or temp[0].shape[1] != size
-            or top[0].shape[1] != size + 1 + (4 if enhanced else 0) or temp[0].shape[0] != temp[2].shape[-1]
-            or top[0].shape[0] != top[2].shape[-1]):
+    if temp is None or top is None:
         return None
-    lead, vocab = base_logits.shape[:-1], base_logits.shape[-1]
-    h = hidden.reshape(-1, size).float()
-    logits = base_logits.reshape(-1, vocab).float()
-    h = h if h.stride(-1) == 1 else h.contiguous()
-    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    size, vocab = hidden.shape[-1], base_logits.shape[-1]
+    t_width, p_width, enhanced = temp[0].shape[0], top[0].shape[0], top_p_head.use_enhanced_features
+    if (temp[0].shape[1] != size or top[0].shape[1] != size + 1 + (4 if enhanced else 0)
+            or temp[2].numel() != t_width or top[2].numel() != p_width or vocab < 5):
+        return None
+    h = hidden.reshape(-1, size)
+    logits = base_logits.reshape(-1, vocab)
+    if h.dtype is not torch.float32 or h.stride(-1) != 1:
+        h = h.float().contiguous()
+    if logits.dtype is not torch.float32 or logits.stride(-1) != 1:
+        logits = logits.float().contiguous()
     n, k = logits.shape[0], min(DEFAULT_K, vocab)
-    if n == 0 or vocab < 5:
+    if n == 0:
         return None
-    z, values, lse = torch.empty(n, vocab), torch.empty(n, k), torch.empty(n)
-    indices, temperature, top_p = torch.empty(n, k, dtype=torch.int64), torch.empty(n), torch.empty(n)
-    status = torch.empty(n, dtype=torch.uint8)
+    lead = base_logits.shape[:-1]
+    z, temperature, top_p = torch.empty(base_logits.shape), torch.empty(lead), torch.empty(lead)
+    (values, indices, lse, status), pointers = _native_scratch(n, k)
     redo = lib.autodeco_rows(h.data_ptr(), h.stride(0), size, logits.data_ptr(), logits.stride(0), vocab, n,
-                             *(t.data_ptr() for t in temp), temp[0].shape[0], *(t.data_ptr() for t in top),
-                             top[0].shape[0], int(enhanced), k, KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN,
-                             CLOSE, z.data_ptr(), values.data_ptr(), indices.data_ptr(), lse.data_ptr(),
-                             temperature.data_ptr(), top_p.data_ptr(), status.data_ptr(), _threads())
+                             temp[0].data_ptr(), temp[1].data_ptr(), temp[2].data_ptr(), temp[3].data_ptr(), t_width,
+                             top[0].data_ptr(), top[1].data_ptr(), top[2].data_ptr(), top[3].data_ptr(), p_width,
+                             int(enhanced), k, KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, CLOSE,
+                             z.data_ptr(), *pointers[:3], temperature.data_ptr(), top_p.data_ptr(), pointers[3],
+                             _threads())
     if redo:  # z holds these rows unmasked: the exact path on them
         rows = status.nonzero().squeeze(-1)
+        flat = z.view(n, vocab)
         stats = LogitStats(values[rows], indices[rows], lse[rows], None, None, vocab)
-        z[rows] = nucleus_from_stats(z[rows], stats, top_p[rows], inplace=True)
-    return z.reshape(base_logits.shape), temperature.reshape(lead), top_p.reshape(lead)
+        flat[rows] = nucleus_from_stats(flat[rows], stats, top_p.view(n)[rows], inplace=True)
+    return z, temperature, top_p
 
 
 def decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor, *,
