@@ -258,15 +258,17 @@ def _head_tensors(head: nn.Module) -> tuple[torch.Tensor, ...] | None:
 _scratch = threading.local()
 
 
-def _native_scratch(n: int, k: int) -> tuple:
+def _native_scratch(n: int, k: int, vocab: int) -> tuple:
     """Per-thread buffers the native step writes but does not return (top values, their ids, lse,
-    row status) and their addresses, reused while the row count stays (and per inference mode: see
+    row status, and the candidates of rows it hands back: values, value - lse, in-band flags, counts)
+    and their addresses, reused while the shape stays (and per inference mode: see
     nucleus._workspace)."""
-    key = (n, k, torch.is_inference_mode_enabled())
+    key = (n, k, vocab, torch.is_inference_mode_enabled())
     cached = getattr(_scratch, "buffers", None)
     if cached is None or cached[0] != key:
         tensors = (torch.empty(n, k), torch.empty(n, k, dtype=torch.int64), torch.empty(n),
-                   torch.empty(n, dtype=torch.uint8))
+                   torch.empty(n, dtype=torch.uint8), torch.empty(n * vocab), torch.empty(n * vocab),
+                   torch.empty(n * vocab, dtype=torch.uint8), torch.empty(n, dtype=torch.int64))
         cached = _scratch.buffers = (key, tensors, tuple(t.data_ptr() for t in tensors))
     return cached[1], cached[2]
 
@@ -274,13 +276,15 @@ def _native_scratch(n: int, k: int) -> tuple:
 def native_decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor):
     """``decode`` with both heads in one native call (heads/nucleus_native.cpp, ``autodeco_rows``):
     both MLPs, z = l / T, the row statistics and features, and each row's exact nucleus and masking.
-    The nucleus there decides with the file's own exp; a row where that could differ from torch's (a
-    cumulative mass within ``CLOSE`` of P), or whose band misses the crossing, is finished here by
-    ``nucleus_from_stats`` (torch's exp: the contract). None where the call does not apply (no
-    compiler, not the CPU, gradients on, heads not float32); the caller then runs the torch steps. T
-    and P agree with those to float32 rounding (other summation orders); the nucleus is exact for
-    the z and P returned. Python here is kept to a few operations: at a decoding step, with caches
-    cold from the model's forward, each costs tens of microseconds.
+    The nucleus there decides with the file's own exp. A row where that could differ from torch's (a
+    cumulative mass within ``CLOSE`` of P) comes back with its candidates, which get torch's exp
+    here and the exact cumulative natively (``nucleus_exact``, as the slow path of
+    ``nucleus_from_stats``); a row whose band missed the crossing comes back whole, for
+    ``nucleus_from_stats``. None where the call does not apply (no compiler, not the CPU, gradients
+    on, heads not float32); the caller then runs the torch steps. T and P agree with those to
+    float32 rounding (other summation orders); the nucleus is exact for the z and P returned. The
+    Python here is kept to a few operations: at a decoding step, with caches cold from the model's
+    forward, each costs tens of microseconds.
     """
     lib = native()
     if lib is None or torch.is_grad_enabled() or not (hidden.is_cpu and base_logits.is_cpu):
@@ -304,19 +308,40 @@ def native_decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Ten
         return None
     lead = base_logits.shape[:-1]
     z, temperature, top_p = torch.empty(base_logits.shape), torch.empty(lead), torch.empty(lead)
-    (values, indices, lse, status), pointers = _native_scratch(n, k)
-    redo = lib.autodeco_rows(h.data_ptr(), h.stride(0), size, logits.data_ptr(), logits.stride(0), vocab, n,
-                             temp[0].data_ptr(), temp[1].data_ptr(), temp[2].data_ptr(), temp[3].data_ptr(), t_width,
-                             top[0].data_ptr(), top[1].data_ptr(), top[2].data_ptr(), top[3].data_ptr(), p_width,
-                             int(enhanced), k, KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, CLOSE,
-                             z.data_ptr(), *pointers[:3], temperature.data_ptr(), top_p.data_ptr(), pointers[3],
-                             _threads())
-    if redo:  # z holds these rows unmasked: the exact path on them
-        rows = status.nonzero().squeeze(-1)
-        flat = z.view(n, vocab)
-        stats = LogitStats(values[rows], indices[rows], lse[rows], None, None, vocab)
-        flat[rows] = nucleus_from_stats(flat[rows], stats, top_p.view(n)[rows], inplace=True)
+    buffers, pointers = _native_scratch(n, k, vocab)
+    unsettled = lib.autodeco_rows(
+        h.data_ptr(), h.stride(0), size, logits.data_ptr(), logits.stride(0), vocab, n, temp[0].data_ptr(),
+        temp[1].data_ptr(), temp[2].data_ptr(), temp[3].data_ptr(), t_width, top[0].data_ptr(), top[1].data_ptr(),
+        top[2].data_ptr(), top[3].data_ptr(), p_width, int(enhanced), k, KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE,
+        MIN_MARGIN, CLOSE, z.data_ptr(), *pointers[:3], temperature.data_ptr(), top_p.data_ptr(), *pointers[3:],
+        _threads())
+    if unsettled:
+        _finish_rows(lib, z.view(n, vocab), top_p.view(n), buffers)
     return z, temperature, top_p
+
+
+def _finish_rows(lib, z: torch.Tensor, top_p: torch.Tensor, buffers: tuple) -> None:
+    """The rows autodeco_rows left unmasked in z [n, V] (their status 1: candidates; 2: whole), masked
+    exactly: torch's exp for the candidates' masses, then nucleus_exact; a row whose exact check
+    fails there, and every whole row, through nucleus_from_stats (the torch-exp contract)."""
+    values, indices, lse, status, cand_values, cand_diffs, cand_in_band, cand_counts = buffers
+    n, vocab = z.shape
+    threshold = torch.full((n,), float("-inf"))  # -inf: mask_below leaves the row as it is
+    exact = (status == 1).nonzero().squeeze(-1)
+    whole = (status == 2).nonzero().squeeze(-1)
+    if exact.numel():
+        counts, p = cand_counts[exact].contiguous(), top_p[exact].contiguous()  # (alive through the call)
+        masses = torch.exp(cand_diffs[: int(counts.sum())])
+        found, ok = torch.empty(exact.numel()), torch.empty(exact.numel(), dtype=torch.uint8)
+        lib.nucleus_exact(cand_values.data_ptr(), masses.data_ptr(), cand_in_band.data_ptr(), counts.data_ptr(),
+                          exact.numel(), p.data_ptr(), found.data_ptr(), ok.data_ptr())
+        ok = ok.bool()
+        threshold[exact[ok]] = found[ok]
+        whole = torch.cat([whole, exact[~ok]])
+        lib.mask_below(z.data_ptr(), n, vocab, vocab, threshold.data_ptr(), _threads())
+    if whole.numel():
+        stats = LogitStats(values[whole], indices[whole], lse[whole], None, None, vocab)
+        z[whole] = nucleus_from_stats(z[whole], stats, top_p[whole], inplace=True)
 
 
 def decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Tensor, base_logits: torch.Tensor, *,

@@ -133,7 +133,8 @@ def _load_native():
     lib.row_stats.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.row_stats.restype = None
     lib.autodeco_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
-                                  i32, i64, i32, i32, f64, f64, f64, f64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+                                  i32, i64, i32, i32, f64, f64, f64, f64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                  ptr, ptr, i32]
     lib.autodeco_rows.restype = i64
     return lib
 
@@ -382,9 +383,9 @@ def _slow_thresholds_native(lib, z: torch.Tensor, rows: torch.Tensor, row_max: t
         KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, values.data_ptr(), diffs.data_ptr(),
         in_band.data_ptr(), counts.data_ptr(), _threads())
     masses = torch.exp(diffs[:total])  # the reference's float32 masses, by torch's own exp
-    threshold, ok = torch.empty(m), torch.empty(m, dtype=torch.uint8)
+    threshold, ok, p32 = torch.empty(m), torch.empty(m, dtype=torch.uint8), top_p.contiguous()  # p32 alive in the call
     lib.nucleus_exact(values.data_ptr(), masses.data_ptr(), in_band.data_ptr(), counts.data_ptr(), m,
-                      top_p.contiguous().data_ptr(), threshold.data_ptr(), ok.data_ptr())
+                      p32.data_ptr(), threshold.data_ptr(), ok.data_ptr())
     if not bool(ok.all()):
         redo = (ok == 0).nonzero().squeeze(-1)
         threshold[redo] = _full_sort_thresholds(z[rows[redo]], lse[redo], top_p[redo])

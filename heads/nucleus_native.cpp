@@ -286,12 +286,23 @@ __attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float
 inline float lse_of(float m, double total) { return static_cast<float>(static_cast<double>(m) + std::log(total)); }
 
 // ---------------------------------------------------------------------------- one row's nucleus
-// The exact nucleus decided with this file's own exp (exp_nonpositive, within ~3 ulp of torch's):
-// every decision compares a float64 cumulative mass with P, and a cumulative within `close` (relative)
-// of P could fall on the other side with torch's masses. Such a row is handed back (REDO) to
-// nucleus.py's exact path (torch's exp); all others get the threshold the reference would.
+// The exact nucleus decided with this file's own exp (exp_nonpositive, within 1.4e-7 of torch's,
+// measured): every decision compares a float64 cumulative mass with P, and a cumulative within
+// `close` (relative) of P could fall on the other side with torch's masses. Such a row is handed
+// back with its candidates (EXACT: the caller computes their masses with torch's exp and finishes
+// with nucleus_exact), or, where the band missed the crossing, whole (REDO: nucleus.py's exact
+// path); all other rows get the threshold the reference would.
 
-enum RowOutcome : uint8_t { SETTLED = 0, REDO = 1 };
+enum RowOutcome : uint8_t { SETTLED = 0, EXACT = 1, REDO = 2 };
+
+// Where an EXACT row writes its candidates: value, value - lse (float32, as torch subtracts) and
+// in-band flag of each, `count` of them.
+struct Candidates {
+    float* values;
+    float* diffs;
+    uint8_t* in_band;
+    int64_t count;
+};
 
 // The values of x[0, n) above `floor`, in order, written from out[0] (which has room for n + 8, the
 // last vector store's spill); returns how many. With AVX2 eight at a time (a compare's mask picks a
@@ -347,7 +358,7 @@ inline Crossing crossing(const float* e, int64_t n, double base, double p, doubl
 }
 
 struct NucleusScratch {
-    std::vector<float> masses, values;
+    std::vector<float> masses, values, band_values, shifted;
     std::vector<std::pair<float, float>> band;  // (value, mass)
     std::vector<int32_t> keys;
     std::vector<double> hist;
@@ -365,11 +376,13 @@ constexpr size_t REFINE = 256;  // a band larger than this is narrowed by a rung
 //  * a band of more than REFINE tokens narrowed to the rungs (as rung_keys) where its cumulative
 //    crosses P -/+ margin, the tokens above them added to the sum;
 //  * the band sorted descending, the cumulative continued from the sum to the crossing.
-// A crossing outside the band (the guide erred) is a REDO too.
+// A crossing within `close` of P (among the top candidates or in the band) hands the band and the
+// tokens above it to the caller (EXACT, into `out`); a crossing outside the band (the guide erred)
+// hands the row back whole (REDO).
 RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, int64_t k, float lse, float p32,
                          const float* block_max, const double* shells, double total, int32_t key_first,
                          int32_t n_keys, double margin_cap, double tail_share, double margin_floor, double close,
-                         NucleusScratch& s, float* threshold) {
+                         NucleusScratch& s, float* threshold, Candidates& out) {
     const double p = std::max(p32, 0.0f);
     if (p >= 1.0) {
         *threshold = -INFINITY;
@@ -379,8 +392,7 @@ RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, in
     s.masses.resize(k);
     for (int64_t j = 0; j < k; ++j) s.masses[j] = exp_nonpositive(values[j] - lse);
     Crossing c = crossing(s.masses.data(), k, 0.0, p, close);
-    if (c.close) return REDO;
-    if (c.first < k && values[c.first] > values[k - 1]) {
+    if (!c.close && c.first < k && values[c.first] > values[k - 1]) {
         *threshold = values[c.first];
         return SETTLED;
     }
@@ -422,11 +434,11 @@ RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, in
     if (base >= p * (1.0 - close) || s.band.empty()) return REDO;  // the crossing lies above the band or near its top
     if (s.band.size() > REFINE) {  // narrow: the rungs of the band's tokens where base + their cumulative crosses P
         const int64_t n = static_cast<int64_t>(s.band.size());
-        s.values.resize(n);
+        s.band_values.resize(n);
         s.keys.resize(n);
-        s.masses.resize(n);
-        for (int64_t j = 0; j < n; ++j) s.values[j] = s.band[j].first;
-        rung_keys(s.values.data(), n, m + 1.0f, key_first, n_keys, s.keys.data(), s.masses.data());
+        s.shifted.resize(n);
+        for (int64_t j = 0; j < n; ++j) s.band_values[j] = s.band[j].first;
+        rung_keys(s.band_values.data(), n, m + 1.0f, key_first, n_keys, s.keys.data(), s.shifted.data());
         s.hist.assign(n_keys, 0.0);
         for (int64_t j = 0; j < n; ++j) s.hist[s.keys[j]] += s.band[j].second;
         int32_t low = 0, high = 0;
@@ -449,9 +461,25 @@ RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, in
     }
     std::sort(s.band.begin(), s.band.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
     c = crossing(&s.band[0].second, static_cast<int64_t>(s.band.size()), base, p, close, 2);
-    if (c.close || c.first >= static_cast<int64_t>(s.band.size())) return REDO;
-    *threshold = s.band[c.first].first;
-    return SETTLED;
+    if (c.first >= static_cast<int64_t>(s.band.size())) return REDO;
+    if (!c.close) {
+        *threshold = s.band[c.first].first;
+        return SETTLED;
+    }
+    // EXACT: the gathered tokens down to the band's last value (a value range: its ties with it),
+    // those above the band flagged out of it.
+    const float band_top = s.band.front().first, band_bottom = s.band.back().first;
+    int64_t n_out = 0;
+    for (int64_t j = 0; j < count; ++j) {
+        const float v = s.values[j];
+        if (!(v >= band_bottom)) continue;
+        out.values[n_out] = v;
+        out.diffs[n_out] = v - lse;
+        out.in_band[n_out] = v <= band_top;
+        ++n_out;
+    }
+    out.count = n_out;
+    return EXACT;
 }
 
 // out[r] = w2 . relu(w1 [x_r, extra_r] + b1) + b2 for rows r < n: a head's MLP (w1 [width, h +
@@ -646,8 +674,10 @@ void row_stats(const float* z, int64_t n, int64_t stride, int64_t vocab, int64_t
 //     lse[n]) and the top-p head's four features (max prob, entropy, variance, top-5 mass);
 //  2. P = sigmoid(top-p MLP(h, T[, features])) (top_p[n]);
 //  3. each row's nucleus (row_threshold) and its masking, in place in z.
-// status[r] = REDO where row r's nucleus is left to the caller (z unmasked; see row_threshold);
-// returns the number of such rows. The heads' weights are row-major float32: w1 [width, inputs],
+// status[r] = EXACT or REDO where row r's nucleus is left to the caller (z unmasked; see
+// row_threshold): an EXACT row's candidates are in cand_values / cand_diffs / cand_in_band
+// (buffers of n * vocab), cand_counts[r] of them, packed in row order from entry 0. Returns the
+// number of rows left to the caller. The heads' weights are row-major float32: w1 [width, inputs],
 // b1 [width], w2 [width], b2 [1]. A row stays on one thread from its scaling to its masking.
 int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, const float* logits,
                       int64_t logits_stride, int64_t vocab, int64_t n, const float* t_w1, const float* t_b1,
@@ -655,7 +685,8 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
                       const float* p_w2, const float* p_b2, int64_t p_width, int32_t enhanced, int64_t k,
                       int32_t key_first, int32_t n_keys, double margin_cap, double tail_share, double margin_floor,
                       double close, float* z, float* values, int64_t* indices, float* lse, float* temperature,
-                      float* top_p, uint8_t* status, int32_t threads) {
+                      float* top_p, uint8_t* status, float* cand_values, float* cand_diffs, uint8_t* cand_in_band,
+                      int64_t* cand_counts, int32_t threads) {
     auto work = [&](int64_t r0, int64_t r1) {
         if (r1 <= r0) return;
         FlushDenormals guard;
@@ -699,19 +730,30 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             top_p[r] = 1.0f / (1.0f + std::exp(-out[i]));
             float t = -INFINITY;
             float* zr = z + r * vocab;
+            Candidates out{cand_values + r * vocab, cand_diffs + r * vocab, cand_in_band + r * vocab, 0};
             status[r] = row_threshold(zr, vocab, values + r * k, k, lse[r], top_p[r],
                                       block_max.data() + i * scratch.n_blocks, shells.data() + i * N_SHELLS,
                                       totals[i], key_first, n_keys, margin_cap, tail_share, margin_floor, close,
-                                      nucleus, &t);
+                                      nucleus, &t, out);
+            cand_counts[r] = status[r] == EXACT ? out.count : 0;
             if (status[r] != SETTLED || !(t > -INFINITY)) continue;
 #pragma omp simd
             for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
         }
     };
     on_row_blocks(n, threads, work);
-    int64_t redo = 0;
-    for (int64_t r = 0; r < n; ++r) redo += status[r] != SETTLED;
-    return redo;
+    int64_t unsettled = 0, packed = 0;
+    for (int64_t r = 0; r < n; ++r) {  // EXACT rows' candidates packed in row order from entry 0
+        unsettled += status[r] != SETTLED;
+        if (status[r] != EXACT) continue;
+        if (packed != r * vocab) {
+            std::memmove(cand_values + packed, cand_values + r * vocab, cand_counts[r] * sizeof(float));
+            std::memmove(cand_diffs + packed, cand_diffs + r * vocab, cand_counts[r] * sizeof(float));
+            std::memmove(cand_in_band + packed, cand_in_band + r * vocab, cand_counts[r]);
+        }
+        packed += cand_counts[r];
+    }
+    return unsettled;
 }
 
 // Each row's threshold from its k top candidates (values[n, k], sorted descending) and their masses

@@ -103,23 +103,38 @@ def test_real_rows_random_heads(smollm2_rows, threads, seed):
     check_exact(z, t, p, logits)
 
 
-def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatch):
-    """With a closeness margin of 1 every unsettled row is handed back: still exact, and the exact
-    path ran on exactly those rows."""
+@pytest.mark.parametrize("close", [3e-5, 1.0])
+def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatch, close):
+    """A wide closeness margin hands rows back: at 3e-5 (P = 0.99) with their candidates, finished by
+    torch's exp and nucleus_exact; at 1 whole (even the sum above the band is within it), finished by
+    nucleus_from_stats. Either way the result is exact."""
     hidden, logits = smollm2_rows
-    temp, top = heads(hidden.shape[-1], temperature=1.0, top_p=0.95)
-    handed = []
+    temp, top = heads(hidden.shape[-1], temperature=1.0, top_p=0.99)
+    lib, calls = nucleus.native(), {"exact_rows": 0, "whole_rows": 0}
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def nucleus_exact(self, *args):
+            calls["exact_rows"] += args[4]
+            return lib.nucleus_exact(*args)
+
     original = model.nucleus_from_stats
 
-    def spy(z, stats, top_p, inplace=False):
-        handed.append(z.shape[0])
+    def whole(z, stats, top_p, inplace=False):
+        calls["whole_rows"] += z.shape[0]
         return original(z, stats, top_p, inplace)
 
-    monkeypatch.setattr(model, "CLOSE", 1.0)
-    monkeypatch.setattr(model, "nucleus_from_stats", spy)
+    monkeypatch.setattr(model, "CLOSE", close)
+    monkeypatch.setattr(model, "native", lambda: Spy())
+    monkeypatch.setattr(model, "nucleus_from_stats", whole)
     with torch.inference_mode():
         z, t, p = native_decode(temp, top, hidden, logits)
-    assert handed == [hidden.shape[0]]  # P < 1 everywhere: every row decided within the margin
+    if close == 1.0:
+        assert calls == {"exact_rows": 0, "whole_rows": hidden.shape[0]}
+    else:
+        assert calls["exact_rows"] >= 10 and calls["exact_rows"] > 2 * calls["whole_rows"], calls
     check_exact(z, t, p, logits)
 
 
