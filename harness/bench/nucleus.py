@@ -21,12 +21,16 @@ several percent, so a single median under or over 1.01 settles nothing.
 - vllm: one engine on the merged checkpoint, heads switched off (the base's logits, untouched) and
   on through the worker RPC; the prompts are prefix-cached after a warm-up, so the runs are
   decode steps too.
-The hf child also times the nucleus alone on one step's real logits at each setting (and how
-many rows took the slow path), against the base step.
+The hf child also reports AutoDeco's own cost per decode step, against the default step: the
+median time of its decoding step (``heads.model.decode``: heads, features, ÷T, nucleus) over the
+steps of the timed AutoDeco runs (real rows as generation goes, the rows the native step hands
+back included), and, on one step's logits, that step natively and by its torch steps, with how
+many rows the top candidates could not settle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -143,14 +147,15 @@ def _print_table(results: dict, names: list[str], dtype: str, args, summary: dic
     for column, data in results.items():
         if not column.startswith("hf@"):
             continue
-        print(f"per step on one step's logits ({column}; a default-sampling decode step {data['step_ms']:.1f} ms): "
-              "all of AutoDeco (heads, features, ÷T, nucleus) and the exact nucleus alone")
+        print(f"AutoDeco's decoding step (heads, features, ÷T, nucleus) against a default-sampling decode step "
+              f"({column}, {data['step_ms']:.1f} ms): its median over the timed generations' steps, and on one "
+              "step's logits natively and by its torch steps")
         for name in names:
             s = data["settings"][name]
-            share = 100 * s["autodeco_ms"] / data["step_ms"]
-            print(f"  {name:<10} AutoDeco {s['autodeco_ms']:.3f} ms = {share:.2f}% of a step; nucleus "
-                  f"{s['nucleus_ms']:.3f} ms = {100 * s['nucleus_ms'] / data['step_ms']:.2f}%, "
-                  f"{s['slow_rows']}/{args.batch_size} rows on the slow path, mean P {s['top_p_mean']:.4f}")
+            share = 100 * s["generation_ms"] / data["step_ms"]
+            print(f"  {name:<10} in generation {s['generation_ms']:.3f} ms = {share:.2f}% of a step; one step "
+                  f"{s['autodeco_ms']:.3f} ms (torch steps {s['torch_steps_ms']:.3f} ms), "
+                  f"{s['slow_rows']}/{args.batch_size} rows past the top candidates, mean P {s['top_p_mean']:.4f}")
     verdicts = summary["verdicts"]
     counts = ", ".join(f"{verdicts[v]} {v}" for v in VERDICTS)
     print(f"worst median ratio {summary['worst_ratio']:.4f}; of {sum(verdicts.values())} cells: {counts} "
@@ -172,12 +177,35 @@ def _interleaved(repeats: int, default, autodeco) -> dict:
             **{f"{k}_seconds": v for k, v in walls.items()}}
 
 
+@contextlib.contextmanager
+def _timed_decoding(seconds: list[float]):
+    """Append the wall time of every AutoDeco decoding step (``heads.model.decode``, which the
+    model's forward calls) to ``seconds`` while inside."""
+    import heads.model as heads_model
+
+    original = heads_model.decode
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    heads_model.decode = timed
+    try:
+        yield
+    finally:
+        heads_model.decode = original
+
+
 def _hf_child(spec: dict) -> dict:
+    import heads.model as heads_model
     from harness.backends.hf import HFBackend
     from harness.decoding import get_preset
     from heads.checkpoint import head_tensors
     from heads.model import decode
-    from heads.nucleus import _cutoff, logit_stats, nucleus_from_stats
+    from heads.nucleus import _cutoff, logit_stats
 
     torch.set_num_threads(spec["threads"])
     settings = spec["settings"]
@@ -201,6 +229,18 @@ def _hf_child(spec: dict) -> dict:
         assert out.shape[1] == prompts.shape[1] + spec["new_tokens"], out.shape
         return seconds
 
+    def timed_autodeco(seed: int, steps: list[float]) -> float:
+        with _timed_decoding(steps):
+            return generate("autodeco", seed)
+
+    def torch_steps(h, b):
+        saved = heads_model.native_decode
+        heads_model.native_decode = lambda *args: None
+        try:
+            return decode(model.temp_head, model.top_p_head, h, b, use_temperature=True, use_top_p=True)
+        finally:
+            heads_model.native_decode = saved
+
     def step_ms(fn, repeats: int = 20) -> float:
         fn()
         times = []
@@ -215,9 +255,10 @@ def _hf_child(spec: dict) -> dict:
     for name, folder in settings:
         model.load_heads(head_tensors(folder))
         generate("autodeco", 0)  # warm-up
+        steps: list[float] = []
         row = _interleaved(spec["repeats"], lambda r: generate("default", spec["seed"] + r),
-                           lambda r: generate("autodeco", spec["seed"] + r))
-        with torch.inference_mode():  # the nucleus alone, on this setting's real logits of one step
+                           lambda r, steps=steps: timed_autodeco(spec["seed"] + r, steps))
+        with torch.inference_mode():  # AutoDeco's step on this setting's real logits of one step
             hidden, base_logits, _ = model.base_forward(prompts[:, -1:], attention_mask=mask,
                                                         past_key_values=copy.deepcopy(cache), logits_to_keep=1)
             _, temperature, top_p = decode(model.temp_head, model.top_p_head, hidden, base_logits,
@@ -226,9 +267,10 @@ def _hf_child(spec: dict) -> dict:
             p = top_p[:, -1].float()
             stats = logit_stats(z, moments=False)
             _, resolved = _cutoff(stats.top_values, stats.lse, p)
-            row.update(nucleus_ms=step_ms(lambda z=z, s=stats, p=p: nucleus_from_stats(z.clone(), s, p, inplace=True)),
+            row.update(generation_ms=1e3 * statistics.median(steps),
                        autodeco_ms=step_ms(lambda h=hidden, b=base_logits: decode(
                            model.temp_head, model.top_p_head, h, b, use_temperature=True, use_top_p=True)),
+                       torch_steps_ms=step_ms(lambda h=hidden, b=base_logits: torch_steps(h, b)),
                        slow_rows=int((~resolved).sum()), top_p_mean=float(p.mean()))
         out["settings"][name] = row
         print(f"  hf {name}: ratio {row['ratio']:.4f}", file=sys.stderr, flush=True)
