@@ -25,6 +25,10 @@ sorted (a few hundred to a few thousand instead of the vocabulary), with the ref
 arithmetic on them. A row whose band misses the crossing (the margin did not cover rounding) is
 sorted whole, so the result is always exact.
 
+AutoDeco's decoding step (heads.model.native_decode) runs all of the above for its rows inside one
+native call, deciding with the native file's own exp; a row where that exp could decide otherwise
+than torch's (a cumulative mass within CLOSE of P) comes back to nucleus_exact with torch's masses.
+
 Native passes (CPU): heads/nucleus_native.cpp, compiled on first use by the system C++ compiler
 into ~/.cache/autodeco/kernels (per source, compiler and CPU) and loaded with ctypes, does the
 vocabulary-wide work in as few reads of each row as possible: the row statistics (block maxima,
