@@ -247,8 +247,10 @@ def _head_tensors(head: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """w1, b1, w2, b2 of a head's MLP as the native step reads them (float32, contiguous, on the
     CPU), or None if they are not. (Straight from the modules' dicts: at every decoding step, cheap.)"""
     modules = head.mlp._modules
-    first, last = modules["0"]._parameters, modules["2"]._parameters
-    tensors = (first["weight"], first["bias"], last["weight"], last["bias"])
+    first, last = modules.get("0"), modules.get("2")
+    if not (isinstance(first, nn.Linear) and isinstance(last, nn.Linear)):  # e.g. wrapped by an adapter
+        return None
+    tensors = (first.weight, first.bias, last.weight, last.bias)
     for t in tensors:
         if t is None or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             return None
@@ -256,6 +258,7 @@ def _head_tensors(head: nn.Module) -> tuple[torch.Tensor, ...] | None:
 
 
 _scratch = threading.local()
+NATIVE_ROWS = 64  # rows per native call: its scratch (candidates of rows handed back) is rows x vocab x 9 bytes
 
 
 def _native_scratch(n: int, k: int, vocab: int) -> tuple:
@@ -266,9 +269,10 @@ def _native_scratch(n: int, k: int, vocab: int) -> tuple:
     key = (n, k, vocab, torch.is_inference_mode_enabled())
     cached = getattr(_scratch, "buffers", None)
     if cached is None or cached[0] != key:
-        tensors = (torch.empty(n, k), torch.empty(n, k, dtype=torch.int64), torch.empty(n),
-                   torch.empty(n, dtype=torch.uint8), torch.empty(n * vocab), torch.empty(n * vocab),
-                   torch.empty(n * vocab, dtype=torch.uint8), torch.empty(n, dtype=torch.int64))
+        f32, i64, u8 = torch.float32, torch.int64, torch.uint8  # (not the default dtype: the C side writes these)
+        tensors = (torch.empty(n, k, dtype=f32), torch.empty(n, k, dtype=i64), torch.empty(n, dtype=f32),
+                   torch.empty(n, dtype=u8), torch.empty(n * vocab, dtype=f32), torch.empty(n * vocab, dtype=f32),
+                   torch.empty(n * vocab, dtype=u8), torch.empty(n, dtype=i64))
         cached = _scratch.buffers = (key, tensors, tuple(t.data_ptr() for t in tensors))
     return cached[1], cached[2]
 
@@ -304,19 +308,23 @@ def native_decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Ten
     if logits.dtype is not torch.float32 or logits.stride(-1) != 1:
         logits = logits.float().contiguous()
     n, k = logits.shape[0], min(DEFAULT_K, vocab)
-    if n == 0:
+    if n == 0 or h.shape[0] != n:
         return None
-    lead = base_logits.shape[:-1]
-    z, temperature, top_p = torch.empty(base_logits.shape), torch.empty(lead), torch.empty(lead)
-    buffers, pointers = _native_scratch(n, k, vocab)
-    unsettled = lib.autodeco_rows(
-        h.data_ptr(), h.stride(0), size, logits.data_ptr(), logits.stride(0), vocab, n, temp[0].data_ptr(),
-        temp[1].data_ptr(), temp[2].data_ptr(), temp[3].data_ptr(), t_width, top[0].data_ptr(), top[1].data_ptr(),
-        top[2].data_ptr(), top[3].data_ptr(), p_width, int(enhanced), k, KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE,
-        MIN_MARGIN, CLOSE, z.data_ptr(), *pointers[:3], temperature.data_ptr(), top_p.data_ptr(), *pointers[3:],
-        _threads())
-    if unsettled:
-        _finish_rows(lib, z.view(n, vocab), top_p.view(n), buffers)
+    lead, f32 = base_logits.shape[:-1], torch.float32
+    z = torch.empty(base_logits.shape, dtype=f32)
+    temperature, top_p = torch.empty(lead, dtype=f32), torch.empty(lead, dtype=f32)
+    flat_z, flat_t, flat_p = z.view(n, vocab), temperature.view(n), top_p.view(n)
+    for start in range(0, n, NATIVE_ROWS):  # a decoding step is one call; a whole sequence's rows in blocks
+        rows = min(NATIVE_ROWS, n - start)
+        buffers, pointers = _native_scratch(rows, k, vocab)
+        unsettled = lib.autodeco_rows(
+            h[start].data_ptr(), h.stride(0), size, logits[start].data_ptr(), logits.stride(0), vocab, rows,
+            temp[0].data_ptr(), temp[1].data_ptr(), temp[2].data_ptr(), temp[3].data_ptr(), t_width,
+            top[0].data_ptr(), top[1].data_ptr(), top[2].data_ptr(), top[3].data_ptr(), p_width, int(enhanced), k,
+            KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, CLOSE, flat_z[start].data_ptr(), *pointers[:3],
+            flat_t[start].data_ptr(), flat_p[start].data_ptr(), *pointers[3:], _threads())
+        if unsettled:
+            _finish_rows(lib, flat_z[start : start + rows], flat_p[start : start + rows], buffers)
     return z, temperature, top_p
 
 
@@ -326,13 +334,13 @@ def _finish_rows(lib, z: torch.Tensor, top_p: torch.Tensor, buffers: tuple) -> N
     fails there, and every whole row, through nucleus_from_stats (the torch-exp contract)."""
     values, indices, lse, status, cand_values, cand_diffs, cand_in_band, cand_counts = buffers
     n, vocab = z.shape
-    threshold = torch.full((n,), float("-inf"))  # -inf: mask_below leaves the row as it is
+    threshold = torch.full((n,), float("-inf"), dtype=torch.float32)  # -inf: mask_below leaves the row be
     exact = (status == 1).nonzero().squeeze(-1)
     whole = (status == 2).nonzero().squeeze(-1)
     if exact.numel():
         counts, p = cand_counts[exact].contiguous(), top_p[exact].contiguous()  # (alive through the call)
         masses = torch.exp(cand_diffs[: int(counts.sum())])
-        found, ok = torch.empty(exact.numel()), torch.empty(exact.numel(), dtype=torch.uint8)
+        found, ok = torch.empty(exact.numel(), dtype=torch.float32), torch.empty(exact.numel(), dtype=torch.uint8)
         lib.nucleus_exact(cand_values.data_ptr(), masses.data_ptr(), cand_in_band.data_ptr(), counts.data_ptr(),
                           exact.numel(), p.data_ptr(), found.data_ptr(), ok.data_ptr())
         ok = ok.bool()

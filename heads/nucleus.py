@@ -118,7 +118,7 @@ def _load_native():
     if not NATIVE_SOURCE.is_file():
         return None
     try:
-        path = _build_native(NATIVE_SOURCE, flags=NATIVE_FLAGS)
+        path = _build_native(NATIVE_SOURCE, flags=NATIVE_FLAGS) or _build_native(NATIVE_SOURCE)  # no OpenMP: threads
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
@@ -235,7 +235,8 @@ def logit_stats(z: torch.Tensor, k: int = DEFAULT_K, moments: bool = True, fast:
     lib = native() if fast and _native_ok(z) and not z.requires_grad else None
     if lib is not None:
         n = z.shape[0]
-        values, indices, lse = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64), torch.empty(n)
+        values, lse = torch.empty(n, k, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+        indices = torch.empty(n, k, dtype=torch.int64)
         sums = torch.empty(3, n, dtype=torch.float64)
         lib.row_stats(z.data_ptr(), n, z.stride(0), z.shape[1], k, values.data_ptr(), indices.data_ptr(),
                       sums[0].data_ptr(), sums[1].data_ptr(), sums[2].data_ptr(), lse.data_ptr(), _threads())
@@ -387,7 +388,8 @@ def _slow_thresholds_native(lib, z: torch.Tensor, rows: torch.Tensor, row_max: t
         KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, values.data_ptr(), diffs.data_ptr(),
         in_band.data_ptr(), counts.data_ptr(), _threads())
     masses = torch.exp(diffs[:total])  # the reference's float32 masses, by torch's own exp
-    threshold, ok, p32 = torch.empty(m), torch.empty(m, dtype=torch.uint8), top_p.contiguous()  # p32 alive in the call
+    threshold, ok = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.uint8)
+    p32 = top_p.contiguous()  # alive through the call
     lib.nucleus_exact(values.data_ptr(), masses.data_ptr(), in_band.data_ptr(), counts.data_ptr(), m,
                       p32.data_ptr(), threshold.data_ptr(), ok.data_ptr())
     if not bool(ok.all()):
@@ -433,7 +435,7 @@ def nucleus_from_stats(
         values = stats.top_values.contiguous()
         masses = torch.sub(values, stats.lse.unsqueeze(-1)).exp_()
         top_p = top_p.contiguous()
-        threshold, flags = torch.empty(z.shape[0]), torch.empty(z.shape[0], dtype=torch.uint8)
+        threshold, flags = torch.empty(z.shape[0], dtype=torch.float32), torch.empty(z.shape[0], dtype=torch.uint8)
         count = lib.nucleus_thresholds(values.data_ptr(), masses.data_ptr(), values.shape[0], values.shape[1],
                                        top_p.data_ptr(), threshold.data_ptr(), flags.data_ptr())
         slow = flags.nonzero().squeeze(-1) if count else flags[:0].long()

@@ -43,6 +43,16 @@ struct FlushDenormals {
 #endif
 };
 
+// The opposite, inside a FlushDenormals scope: IEEE denormals back for a computation whose result is
+// handed out (z = l / T must be torch's quotient, denormal or not).
+struct KeepDenormals {
+#if defined(__SSE__)
+    unsigned int saved = _mm_getcsr();
+    KeepDenormals() { _mm_setcsr(saved & ~0x8040u); }
+    ~KeepDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 constexpr int KEY_SHIFT = 18;      // as nucleus.py: rungs are 1/32 of (1 + depth) wide
 constexpr float MAX_DEPTH = 64.0f;
 constexpr int CHUNK = 512;
@@ -708,7 +718,10 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             temperature[r] = t;
             float* zr = z + r * vocab;
             float* bmax = block_max.data() + i * scratch.n_blocks;
-            scale_with_block_maxima(logits + r * logits_stride, vocab, std::max(t, 1e-6f), zr, bmax);
+            {
+                KeepDenormals ieee;
+                scale_with_block_maxima(logits + r * logits_stride, vocab, std::max(t, 1e-6f), zr, bmax);
+            }
             float* top = values + r * k;
             top_of_row(zr, vocab, k, bmax, scratch, top, indices + r * k);
             double sums[3];
@@ -735,12 +748,12 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             top_p[r] = 1.0f / (1.0f + std::exp(-out[i]));
             float t = -INFINITY;
             float* zr = z + r * vocab;
-            Candidates out{cand_values + r * vocab, cand_diffs + r * vocab, cand_in_band + r * vocab, 0};
+            Candidates handed{cand_values + r * vocab, cand_diffs + r * vocab, cand_in_band + r * vocab, 0};
             status[r] = row_threshold(zr, vocab, values + r * k, k, lse[r], top_p[r],
                                       block_max.data() + i * scratch.n_blocks, shells.data() + i * N_SHELLS,
                                       totals[i], key_first, n_keys, margin_cap, tail_share, margin_floor, close,
-                                      nucleus, &t, out);
-            cand_counts[r] = status[r] == EXACT ? out.count : 0;
+                                      nucleus, &t, handed);
+            cand_counts[r] = status[r] == EXACT ? handed.count : 0;
             if (status[r] != SETTLED || !(t > -INFINITY)) continue;
 #pragma omp simd
             for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;

@@ -210,3 +210,25 @@ def test_model_with_heads_off_runs_no_heads(smollm2_path):
     assert off.temperature is None and off.top_p is None
     assert torch.equal(off.logits, off.base_logits) and torch.equal(off.base_logits, on.base_logits)
     assert on.temperature.shape == (1, 4)
+
+
+def test_rows_in_blocks_default_dtype_and_mismatched_rows(smollm2_rows, monkeypatch):
+    """More rows than one native call takes run in blocks with the same result; a float64 default
+    dtype changes nothing (the buffers the C side writes are float32 by name); hidden and logits
+    with different row counts get no native step."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], seed=7)
+    with torch.inference_mode():
+        whole = native_decode(temp, top, hidden, logits)
+        monkeypatch.setattr(model, "NATIVE_ROWS", 16)  # 40 rows: blocks of 16, 16, 8
+        blocks = native_decode(temp, top, hidden, logits)
+        saved = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            wide = native_decode(temp, top, hidden, logits)
+        finally:
+            torch.set_default_dtype(saved)
+        assert native_decode(temp, top, hidden[:5], logits[:6]) is None
+    for got in (blocks, wide):
+        assert all(torch.equal(a, b) for a, b in zip(whole, got, strict=True))
+    assert wide[0].dtype == torch.float32
