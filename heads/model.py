@@ -49,6 +49,7 @@ from .nucleus import (
     N_KEYS,
     TAIL_SHARE,
     LogitStats,
+    _mask_below,
     _threads,
     _workspace,
     logit_stats,
@@ -346,7 +347,7 @@ def _finish_rows(lib, z: torch.Tensor, top_p: torch.Tensor, buffers: tuple) -> N
         ok = ok.bool()
         threshold[exact[ok]] = found[ok]
         whole = torch.cat([whole, exact[~ok]])
-        lib.mask_below(z.data_ptr(), n, vocab, vocab, threshold.data_ptr(), _threads())
+        _mask_below(z, threshold)
     if whole.numel():
         stats = LogitStats(values[whole], indices[whole], lse[whole], None, None, vocab)
         z[whole] = nucleus_from_stats(z[whole], stats, top_p[whole], inplace=True)

@@ -560,6 +560,27 @@ void on_row_blocks(int64_t n, int32_t threads, const Work& work) {
 #endif
 }
 
+// Rows' slots (row r's candidates from entry r * vocab, counts[r] of them) packed in row order from
+// entry 0; returns their total. Row r's slot starts at r * vocab >= the total before it.
+int64_t pack_slots(float* values, float* diffs, uint8_t* in_band, const int64_t* counts, int64_t n, int64_t vocab) {
+    int64_t total = 0;
+    for (int64_t r = 0; r < n; ++r) {
+        if (total != r * vocab) {
+            std::memmove(values + total, values + r * vocab, counts[r] * sizeof(float));
+            std::memmove(diffs + total, diffs + r * vocab, counts[r] * sizeof(float));
+            std::memmove(in_band + total, in_band + r * vocab, counts[r]);
+        }
+        total += counts[r];
+    }
+    return total;
+}
+
+// zr = zr >= t ? zr : -inf over the row, in place.
+inline void mask_row(float* zr, int64_t vocab, float t) {
+#pragma omp simd
+    for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
+}
+
 }  // namespace
 
 extern "C" {
@@ -601,16 +622,7 @@ int64_t nucleus_candidates(const float* z, int64_t stride, int64_t vocab, const 
         }
     };
     on_row_blocks(m, threads, work);
-    int64_t total = 0;
-    for (int64_t r = 0; r < m; ++r) {  // pack: row r's slot starts at r * vocab >= total
-        if (total != r * vocab) {
-            std::memmove(values + total, values + r * vocab, counts[r] * sizeof(float));
-            std::memmove(diffs + total, diffs + r * vocab, counts[r] * sizeof(float));
-            std::memmove(in_band + total, in_band + r * vocab, counts[r]);
-        }
-        total += counts[r];
-    }
-    return total;
+    return pack_slots(values, diffs, in_band, counts, m, vocab);
 }
 
 // Exact thresholds from the packed candidates of nucleus_candidates (counts[r] for row r) and their float32 masses exp(value - lse) as torch computed them:
@@ -754,23 +766,13 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
                                       totals[i], key_first, n_keys, margin_cap, tail_share, margin_floor, close,
                                       nucleus, &t, handed);
             cand_counts[r] = status[r] == EXACT ? handed.count : 0;
-            if (status[r] != SETTLED || !(t > -INFINITY)) continue;
-#pragma omp simd
-            for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
+            if (status[r] == SETTLED && t > -INFINITY) mask_row(zr, vocab, t);
         }
     };
     on_row_blocks(n, threads, work);
-    int64_t unsettled = 0, packed = 0;
-    for (int64_t r = 0; r < n; ++r) {  // EXACT rows' candidates packed in row order from entry 0
-        unsettled += status[r] != SETTLED;
-        if (status[r] != EXACT) continue;
-        if (packed != r * vocab) {
-            std::memmove(cand_values + packed, cand_values + r * vocab, cand_counts[r] * sizeof(float));
-            std::memmove(cand_diffs + packed, cand_diffs + r * vocab, cand_counts[r] * sizeof(float));
-            std::memmove(cand_in_band + packed, cand_in_band + r * vocab, cand_counts[r]);
-        }
-        packed += cand_counts[r];
-    }
+    pack_slots(cand_values, cand_diffs, cand_in_band, cand_counts, n, vocab);  // counts 0 but for EXACT rows
+    int64_t unsettled = 0;
+    for (int64_t r = 0; r < n; ++r) unsettled += status[r] != SETTLED;
     return unsettled;
 }
 
@@ -806,13 +808,8 @@ int64_t nucleus_thresholds(const float* values, const float* masses, int64_t n, 
 // -inf leaves the row whole), rows split between `threads` threads.
 void mask_below(float* z, int64_t n, int64_t stride, int64_t vocab, const float* threshold, int32_t threads) {
     on_row_blocks(n, threads, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-            float* zr = z + r * stride;
-            const float t = threshold[r];
-            if (!(t > -INFINITY)) continue;
-#pragma omp simd
-            for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
-        }
+        for (int64_t r = r0; r < r1; ++r)
+            if (threshold[r] > -INFINITY) mask_row(z + r * stride, vocab, threshold[r]);
     });
 }
 
