@@ -55,6 +55,7 @@ from .nucleus import (
     logit_stats,
     native,
     nucleus_from_stats,
+    torch_exp,
 )
 
 HEAD_PREFIXES = ("temp_head.", "top_p_head.")
@@ -244,18 +245,31 @@ def dynamic_logits(base_logits, temperature, top_p, z=None, stats=None, *, use_t
     return z.reshape(shape)
 
 
-def _head_tensors(head: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """w1, b1, w2, b2 of a head's MLP as the native step reads them (float32, contiguous, on the
-    CPU), or None if they are not. (Straight from the modules' dicts: at every decoding step, cheap.)"""
+def _head_pointers(head: nn.Module) -> tuple | None:
+    """(w1, b1, w2, b2 addresses, width, inputs) of a head's MLP as the native step reads it (float32,
+    contiguous, on the CPU), or None if it is not. The checks run once per set of tensors: the result
+    is kept on the head and reused while its four parameters are the same objects at the same
+    addresses (an in-place update keeps both; .to(), ``.data =`` and load_state_dict(assign=True)
+    change one). At a decoding step, with caches cold from the forward, each tensor attribute read
+    costs microseconds."""
     modules = head.mlp._modules
     first, last = modules.get("0"), modules.get("2")
     if not (isinstance(first, nn.Linear) and isinstance(last, nn.Linear)):  # e.g. wrapped by an adapter
         return None
     tensors = (first.weight, first.bias, last.weight, last.bias)
+    kept = head.__dict__.get("_native_pointers")
+    if (kept is not None and all(a is b for a, b in zip(kept[0], tensors, strict=True))
+            and all(t.data_ptr() == address for t, address in zip(tensors, kept[1][:4], strict=True))):
+        return kept[1]
     for t in tensors:
         if t is None or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             return None
-    return tensors
+    width, inputs = tensors[0].shape
+    if tensors[1].numel() != width or tensors[2].numel() != width or tensors[3].numel() != 1:
+        return None
+    pointers = (*(t.data_ptr() for t in tensors), width, inputs)
+    head.__dict__["_native_pointers"] = (tensors, pointers)
+    return pointers
 
 
 _scratch = threading.local()
@@ -282,51 +296,60 @@ def native_decode(temp_head: nn.Module, top_p_head: nn.Module, hidden: torch.Ten
     """``decode`` with both heads in one native call (heads/nucleus_native.cpp, ``autodeco_rows``):
     both MLPs, z = l / T, the row statistics and features, and each row's exact nucleus and masking.
     The nucleus there decides with the file's own exp. A row where that could differ from torch's (a
-    cumulative mass within ``CLOSE`` of P) comes back with its candidates, which get torch's exp
-    here and the exact cumulative natively (``nucleus_exact``, as the slow path of
-    ``nucleus_from_stats``); a row whose band missed the crossing comes back whole, for
-    ``nucleus_from_stats``. None where the call does not apply (no compiler, not the CPU, gradients
-    on, heads not float32); the caller then runs the torch steps. T and P agree with those to
-    float32 rounding (other summation orders); the nucleus is exact for the z and P returned. The
-    Python here is kept to a few operations: at a decoding step, with caches cold from the model's
-    forward, each costs tens of microseconds.
+    cumulative mass within ``CLOSE`` of P) is decided with torch's masses: inside the call where
+    torch's exp is reachable natively (``nucleus.torch_exp``), else it comes back with its
+    candidates, which get torch's exp here and the exact cumulative natively (``nucleus_exact``, as
+    the slow path of ``nucleus_from_stats``). A row whose band missed the crossing comes back whole,
+    for ``nucleus_from_stats``. None where the call does not apply (no compiler, not the CPU,
+    gradients on, heads not float32); the caller then runs the torch steps. T and P agree with those
+    to float32 rounding (other summation orders); the nucleus is exact for the z and P returned. The
+    Python here is kept to a few torch operations: at a decoding step, with caches cold from the
+    model's forward, each costs tens of microseconds.
     """
     lib = native()
     if lib is None or torch.is_grad_enabled() or not (hidden.is_cpu and base_logits.is_cpu):
         return None
-    temp, top = _head_tensors(temp_head), _head_tensors(top_p_head)
+    temp, top = _head_pointers(temp_head), _head_pointers(top_p_head)
     if temp is None or top is None:
         return None
     size, vocab = hidden.shape[-1], base_logits.shape[-1]
-    t_width, p_width, enhanced = temp[0].shape[0], top[0].shape[0], top_p_head.use_enhanced_features
-    if (temp[0].shape[1] != size or top[0].shape[1] != size + 1 + (4 if enhanced else 0)
-            or temp[2].numel() != t_width or top[2].numel() != p_width or vocab < 5):
+    enhanced = top_p_head.use_enhanced_features
+    if temp[5] != size or top[5] != size + 1 + (4 if enhanced else 0) or vocab < 5:
         return None
-    h = hidden.reshape(-1, size)
-    logits = base_logits.reshape(-1, vocab)
-    if h.dtype is not torch.float32 or h.stride(-1) != 1:
-        h = h.float().contiguous()
-    if logits.dtype is not torch.float32 or logits.stride(-1) != 1:
-        logits = logits.float().contiguous()
-    n, k = logits.shape[0], min(DEFAULT_K, vocab)
-    if n == 0 or h.shape[0] != n:
+    h, h_stride = _rows_of(hidden)
+    logits, l_stride = _rows_of(base_logits)
+    n, k = logits.numel() // vocab, min(DEFAULT_K, vocab)
+    if n == 0 or h.numel() // size != n:
         return None
     lead, f32 = base_logits.shape[:-1], torch.float32
     z = torch.empty(base_logits.shape, dtype=f32)
     temperature, top_p = torch.empty(lead, dtype=f32), torch.empty(lead, dtype=f32)
-    flat_z, flat_t, flat_p = z.view(n, vocab), temperature.view(n), top_p.view(n)
+    exp_fn, exp_mode = torch_exp() or (None, 0)
+    h_at, l_at, z_at, t_at, p_at = h.data_ptr(), logits.data_ptr(), z.data_ptr(), temperature.data_ptr(), top_p.data_ptr()
     for start in range(0, n, NATIVE_ROWS):  # a decoding step is one call; a whole sequence's rows in blocks
         rows = min(NATIVE_ROWS, n - start)
         buffers, pointers = _native_scratch(rows, k, vocab)
         unsettled = lib.autodeco_rows(
-            h[start].data_ptr(), h.stride(0), size, logits[start].data_ptr(), logits.stride(0), vocab, rows,
-            temp[0].data_ptr(), temp[1].data_ptr(), temp[2].data_ptr(), temp[3].data_ptr(), t_width,
-            top[0].data_ptr(), top[1].data_ptr(), top[2].data_ptr(), top[3].data_ptr(), p_width, int(enhanced), k,
-            KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, CLOSE, flat_z[start].data_ptr(), *pointers[:3],
-            flat_t[start].data_ptr(), flat_p[start].data_ptr(), *pointers[3:], _threads())
+            h_at + 4 * start * h_stride, h_stride, size, l_at + 4 * start * l_stride, l_stride, vocab, rows,
+            *temp[:5], *top[:5], int(enhanced), k, KEY_FIRST, N_KEYS, MARGIN, TAIL_SHARE, MIN_MARGIN, CLOSE,
+            z_at + 4 * start * vocab, *pointers[:3], t_at + 4 * start, p_at + 4 * start, *pointers[3:], exp_fn,
+            exp_mode, _threads())
         if unsettled:
-            _finish_rows(lib, flat_z[start : start + rows], flat_p[start : start + rows], buffers)
+            _finish_rows(lib, z.view(n, vocab)[start : start + rows], top_p.view(n)[start : start + rows], buffers)
     return z, temperature, top_p
+
+
+def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [..., D] as float32 rows of D contiguous values with a uniform row stride: (tensor, stride in
+    elements). x itself where it already is (a decoding step's; no torch operation), else a view or
+    a float32 copy."""
+    size = x.shape[-1]
+    if x.dtype is torch.float32 and x.is_contiguous():
+        return x, size
+    rows = x.reshape(-1, size)
+    if rows.dtype is not torch.float32 or rows.stride(-1) != 1:
+        rows = rows.float().contiguous()
+    return rows, rows.stride(0)
 
 
 def _finish_rows(lib, z: torch.Tensor, top_p: torch.Tensor, buffers: tuple) -> None:

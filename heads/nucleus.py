@@ -27,7 +27,9 @@ sorted whole, so the result is always exact.
 
 AutoDeco's decoding step (heads.model.native_decode) runs all of the above for its rows inside one
 native call, deciding with the native file's own exp; a row where that exp could decide otherwise
-than torch's (a cumulative mass within CLOSE of P) comes back to nucleus_exact with torch's masses.
+than torch's (a cumulative mass within CLOSE of P) is decided with torch's masses: inside the call
+where torch's own exp function is reachable natively (torch_exp: MKL's vmsExp, checked against
+torch.exp), else back here through nucleus_exact.
 
 Native passes (CPU): heads/nucleus_native.cpp, compiled on first use by the system C++ compiler
 into ~/.cache/autodeco/kernels (per source, compiler and CPU) and loaded with ctypes, does the
@@ -138,7 +140,7 @@ def _load_native():
     lib.row_stats.restype = None
     lib.autodeco_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
                                   i32, i64, i32, i32, f64, f64, f64, f64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                  ptr, ptr, i32]
+                                  ptr, ptr, ptr, i64, i32]
     lib.autodeco_rows.restype = i64
     return lib
 
@@ -166,6 +168,53 @@ def native():
             if not _native_state:
                 _native_state.append(_load_native())
     return _native_state[0]
+
+
+# torch computes float32 exp on the CPU with MKL's vmsExp in this mode where it is built with MKL
+# (ATen/cpu/vml.h: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), and libtorch_cpu exports it.
+VML_EXP_MODE = 0x2 | 0x140000 | 0x100
+
+
+def _torch_exp_check() -> torch.Tensor:
+    """Where torch_exp's function must equal torch.exp: float32 values from 0 down to -104 (below it
+    exp is 0), every 4099th bit pattern (every exponent, ~270k values), plus -inf, -0, 0 and the
+    exp(x) = 1e-38 region's neighbours where results go denormal."""
+    bits = torch.arange(0x80000000, 0xC2D00001, 4099, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([float("-inf"), -0.0, 0.0, -87.33655, -87.33654, -103.97, -1e-45])
+    return torch.cat([bits.view(torch.float32), special])
+
+
+def _load_torch_exp():
+    if platform.system() != "Linux":
+        return None
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        fn = ctypes.CDLL(str(path)).vmsExp
+    except (OSError, AttributeError):  # not there, or torch built without MKL
+        return None
+    fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn.restype = None
+    x = _torch_exp_check()
+    y = torch.empty_like(x)
+    fn(x.numel(), x.data_ptr(), y.data_ptr(), VML_EXP_MODE)
+    if not torch.equal(y.view(torch.int32), torch.exp(x).view(torch.int32)):
+        return None
+    return ctypes.cast(fn, ctypes.c_void_p).value, VML_EXP_MODE
+
+
+_torch_exp_state: list = []  # [(address, mode) or None] once probed
+
+
+def torch_exp():
+    """(address, mode) of a native function that computes torch.exp of float32 values bit for bit
+    (MKL's vmsExp inside libtorch_cpu, called as fn(n, in, out, mode)), or None: not Linux, torch
+    without MKL, or a function that differs from torch.exp on _torch_exp_check's values. With it,
+    native decoding settles close rows itself (autodeco_rows) instead of handing them back."""
+    if not _torch_exp_state:
+        with _native_lock:
+            if not _torch_exp_state:
+                _torch_exp_state.append(_load_torch_exp())
+    return _torch_exp_state[0]
 
 
 @dataclass

@@ -7,9 +7,10 @@
 // The exactness contract: the reference's masses are torch's float32 exp(z - lse). nucleus.py's
 // passes only narrow the search (the band, from an approximate exp) and sum/sort masses torch.exp
 // computed, with the same float64 arithmetic as the numpy path. autodeco_rows decides with this
-// file's exp, which is within 1.4e-7 of torch's (both measured against float64), and hands back
-// every row where a decision lies within a margin that covers that (row_threshold); a row whose
-// checks fail is reported, not guessed. No fast-math: the float64 sums and comparisons must be IEEE
+// file's exp, which is within 1.4e-7 of torch's (both measured against float64); a row where a
+// decision lies within a margin that covers that (row_threshold) is decided with torch's masses:
+// here, where the caller passes torch's exp function (TorchExp), else by the caller, to whom its
+// candidates are handed back. A row whose checks fail is reported, not guessed. No fast-math: the float64 sums and comparisons must be IEEE
 // (-fno-trapping-math, which lets compares and conversions vectorise, changes no result).
 
 #include <algorithm>
@@ -154,7 +155,11 @@ void band_of_row(const Rows& a, int64_t r, int32_t* low_out, int32_t* high_out) 
 // ---------------------------------------------------------------------------- one row's statistics
 
 struct RowScratch {
-    explicit RowScratch(int64_t vocab) : n_blocks((vocab + BLOCK - 1) / BLOCK), order(n_blocks) {}
+    explicit RowScratch(int64_t vocab) { fit(vocab); }
+    void fit(int64_t vocab) {
+        n_blocks = (vocab + BLOCK - 1) / BLOCK;
+        order.resize(n_blocks);
+    }
     int64_t n_blocks;
     std::vector<float> order;
     std::vector<std::pair<float, int64_t>> cand;
@@ -245,14 +250,49 @@ inline void shell_bounds(float m, float* bounds) {
     for (int i = 0; i < N_SHELLS; ++i) bounds[i] = m - SHELL_DEPTHS[i];
 }
 
+// shells[i] += the sum of e over the chunk's z > bounds[i], block by block: a block of BLOCK tokens
+// whose maximum is <= bounds[i] adds nothing to shell i and is not read for it (bounds descend, so a
+// block's shells start at the first bound below its maximum; most blocks of a row lie more than 10
+// nats down and feed two or three of the twelve). Eight float32 lanes per shell, summed into float64
+// at the end of the chunk.
+typedef int32_t IntLanes __attribute__((vector_size(32), aligned(4)));
+
+inline void shells_of_chunk(const float* z, const float* e, int64_t count, const float* block_max,
+                            const float* bounds, double* shells) {
+    Lanes acc[N_SHELLS] = {};
+    const int64_t full = count / BLOCK;
+    for (int64_t b = 0; b < full; ++b) {
+        int first = 0;
+        for (int i = 0; i < N_SHELLS; ++i) first += bounds[i] >= block_max[b];  // a NaN maximum: 0
+        const Lanes* zb = reinterpret_cast<const Lanes*>(z + b * BLOCK);
+        const Lanes* eb = reinterpret_cast<const Lanes*>(e + b * BLOCK);
+        for (int i = first; i < N_SHELLS; ++i) {
+            const Lanes bound = Lanes{} + bounds[i];
+            Lanes kept[BLOCK / 8];
+            for (int v = 0; v < BLOCK / 8; ++v)
+                kept[v] = reinterpret_cast<Lanes>(reinterpret_cast<IntLanes>(eb[v]) & (zb[v] > bound));
+            acc[i] += ((kept[0] + kept[1]) + (kept[2] + kept[3])) + ((kept[4] + kept[5]) + (kept[6] + kept[7]));
+        }
+    }
+    for (int i = 0; i < N_SHELLS; ++i) {
+        double sum = 0.0;
+        for (int l = 0; l < 8; ++l) sum += acc[i][l];
+        for (int64_t j = full * BLOCK; j < count; ++j) sum += z[j] > bounds[i] ? e[j] : 0.0f;
+        shells[i] += sum;
+    }
+}
+
 // Around the row max m, with e = exp(z - m): sums[0..2] = sum e, sum e * (m - z), sum e^2 (float64;
 // float32 SIMD lanes summed into float64 every CHUNK tokens). With `shells`, also shells[i] = the sum
-// of e over z > m - SHELL_DEPTHS[i] (a guide: float32 within a chunk). Not inlined, and the sums
-// loop the same with or without shells: row_stats and autodeco_rows must get the same sums, bit
-// for bit.
-__attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float m, double* sums, double* shells) {
+// of e over z > m - SHELL_DEPTHS[i] (a guide: float32 lanes within a chunk), from the row's block
+// maxima: a block adds only to the shells its maximum lies above (most blocks lie more than 10 nats
+// down, so they feed two or three of the twelve). Not inlined, and the sums loop the same with or
+// without shells: row_stats and autodeco_rows must get the same sums, bit for bit.
+__attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float m, double* sums,
+                                           const float* block_max = nullptr, double* shells = nullptr) {
     double total = 0.0, total_ed = 0.0, total_e2 = 0.0;
-    float ev[CHUNK], bounds[N_SHELLS];
+    alignas(32) float ev[CHUNK];
+    float bounds[N_SHELLS];
     shell_bounds(m, bounds);
     if (shells != nullptr) std::fill(shells, shells + N_SHELLS, 0.0);
     for (int64_t start = 0; start < vocab; start += CHUNK) {
@@ -270,26 +310,7 @@ __attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float
         total += a;
         total_ed += b;
         total_e2 += c;
-        if (shells == nullptr) continue;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0, s9 = 0, s10 = 0, s11 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11)
-        for (int64_t j = 0; j < count; ++j) {
-            const float zz = zr[start + j], e = ev[j];
-            s0 += zz > bounds[0] ? e : 0.0f;
-            s1 += zz > bounds[1] ? e : 0.0f;
-            s2 += zz > bounds[2] ? e : 0.0f;
-            s3 += zz > bounds[3] ? e : 0.0f;
-            s4 += zz > bounds[4] ? e : 0.0f;
-            s5 += zz > bounds[5] ? e : 0.0f;
-            s6 += zz > bounds[6] ? e : 0.0f;
-            s7 += zz > bounds[7] ? e : 0.0f;
-            s8 += zz > bounds[8] ? e : 0.0f;
-            s9 += zz > bounds[9] ? e : 0.0f;
-            s10 += zz > bounds[10] ? e : 0.0f;
-            s11 += zz > bounds[11] ? e : 0.0f;
-        }
-        const float part[N_SHELLS] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11};
-        for (int i = 0; i < N_SHELLS; ++i) shells[i] += part[i];
+        if (shells != nullptr) shells_of_chunk(zr + start, ev, count, block_max + start / BLOCK, bounds, shells);
     }
     sums[0] = total;
     sums[1] = total_ed;
@@ -379,6 +400,63 @@ struct NucleusScratch {
     std::vector<double> hist;
 };
 
+// torch's float32 exp, where the caller found a native function that gives it bit for bit (heads.nucleus
+// .torch_exp: MKL's vmsExp with torch's mode, checked against torch.exp when loaded): fn(n, in, out,
+// mode). With it a close decision is settled here instead of handed back.
+struct TorchExp {
+    void (*fn)(int32_t, const float*, float*, int64_t);
+    int64_t mode;
+    void operator()(const float* in, float* out, int64_t n) const {
+        for (int64_t at = 0; at < n; at += INT32_MAX / 2)
+            fn(static_cast<int32_t>(std::min<int64_t>(n - at, INT32_MAX / 2)), in + at, out + at, mode);
+    }
+};
+
+// As heads.nucleus._cutoff (torch) on one row's k top candidates (v sorted descending) and their masses
+// e (float32 exp(v - lse) as torch computes it): the index of the first cumulative mass (float64
+// rounded to float32: torch's cumsum on the CPU) that is not below P, k if none.
+inline int64_t first_reaching(const float* e, int64_t k, float p) {
+    double cumulative = 0.0;
+    int64_t first = 0;
+    for (int64_t j = 0; j < k; ++j) {
+        cumulative += e[j];
+        first += static_cast<float>(cumulative) < p;
+    }
+    return first;
+}
+
+// The exact threshold of one row from candidates (values, torch's masses, in-band flags; `count` of
+// them): the masses outside the band summed (float64), the band sorted descending and its cumulative
+// continued from that sum to the first that is not below P (float32, as torch's cumsum). Returns
+// whether that is the reference's: the crossing inside the band, the sum above it below P, and no
+// mass below 2^-29 outside the band or at the crossing (float64 sums of float32 masses in
+// [2^-29, 1] are exact in any order, so the sum above the band is the reference's).
+inline bool exact_threshold(const float* values, const float* masses, const uint8_t* in_band, int64_t count,
+                            float p, std::vector<std::pair<float, float>>& band, float* threshold) {
+    const float tiny = std::ldexp(1.0f, -29);
+    double base = 0.0;
+    bool small_above = false;
+    band.clear();
+    for (int64_t j = 0; j < count; ++j) {
+        if (in_band[j]) {
+            band.emplace_back(values[j], masses[j]);
+        } else {
+            base += masses[j];
+            small_above |= masses[j] < tiny;
+        }
+    }
+    std::sort(band.begin(), band.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+    int64_t first = 0;
+    double cumulative = base;
+    for (; first < static_cast<int64_t>(band.size()); ++first) {
+        cumulative += band[first].second;
+        if (!(static_cast<float>(cumulative) < p)) break;
+    }
+    const bool inside = first < static_cast<int64_t>(band.size());
+    *threshold = inside ? band[first].first : -INFINITY;
+    return inside && static_cast<float>(base) < p && band[first].second >= tiny && !small_above;
+}
+
 constexpr size_t REFINE = 256;  // a band larger than this is narrowed by a rung histogram of its tokens
 
 // One row's threshold into *threshold, or REDO. p >= 1 keeps the row whole (-inf); p <= 0 keeps its
@@ -397,7 +475,7 @@ constexpr size_t REFINE = 256;  // a band larger than this is narrowed by a rung
 RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, int64_t k, float lse, float p32,
                          const float* block_max, const double* shells, double total, int32_t key_first,
                          int32_t n_keys, double margin_cap, double tail_share, double margin_floor, double close,
-                         NucleusScratch& s, float* threshold, Candidates& out) {
+                         const TorchExp* torch_exp, NucleusScratch& s, float* threshold, Candidates& out) {
     const double p = std::max(p32, 0.0f);
     if (p >= 1.0) {
         *threshold = -INFINITY;
@@ -405,9 +483,19 @@ RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, in
     }
     if (!std::isfinite(lse)) return REDO;  // NaN or infinite logits: the caller's path copes
     s.masses.resize(k);
+    if (torch_exp != nullptr) {  // torch's masses: the reference's decision itself
+        s.values.resize(k);
+        for (int64_t j = 0; j < k; ++j) s.values[j] = values[j] - lse;
+        (*torch_exp)(s.values.data(), s.masses.data(), k);
+        const int64_t first = first_reaching(s.masses.data(), k, static_cast<float>(p));
+        if (first < k && values[first] > values[k - 1]) {
+            *threshold = values[first];
+            return SETTLED;
+        }
+    }
     for (int64_t j = 0; j < k; ++j) s.masses[j] = exp_nonpositive(values[j] - lse);
     Crossing c = crossing(s.masses.data(), k, 0.0, p, close);
-    if (!c.close && c.first < k && values[c.first] > values[k - 1]) {
+    if (torch_exp == nullptr && !c.close && c.first < k && values[c.first] > values[k - 1]) {
         *threshold = values[c.first];
         return SETTLED;
     }
@@ -581,6 +669,17 @@ inline void mask_row(float* zr, int64_t vocab, float t) {
     for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
 }
 
+// autodeco_rows' scratch on each thread, kept from one call to the next: allocated per call, a decoding
+// step's ~0.5 MB per thread came as fresh pages (page faults, zeroing) every step. Every entry is
+// written before it is read.
+struct StepScratch {
+    RowScratch rows{0};
+    NucleusScratch nucleus;
+    std::vector<float> out, extra, block_max;
+    std::vector<double> shells, totals;
+};
+thread_local StepScratch step_scratch;
+
 }  // namespace
 
 extern "C" {
@@ -633,33 +732,10 @@ int64_t nucleus_candidates(const float* z, int64_t stride, int64_t vocab, const 
 // ok[r] = 0 where the exact argument does not hold or the band missed the crossing.
 void nucleus_exact(const float* values, const float* masses, const uint8_t* in_band, const int64_t* counts,
                    int64_t m, const float* top_p, float* threshold, uint8_t* ok) {
-    const float tiny = std::ldexp(1.0f, -29);
     std::vector<std::pair<float, float>> band;
     int64_t at = 0;
-    for (int64_t r = 0; r < m; at += counts[r], ++r) {
-        double base = 0.0;
-        bool small_above = false;
-        band.clear();
-        for (int64_t j = 0; j < counts[r]; ++j) {
-            if (in_band[at + j]) {
-                band.emplace_back(values[at + j], masses[at + j]);
-            } else {
-                base += masses[at + j];
-                small_above |= masses[at + j] < tiny;
-            }
-        }
-        std::sort(band.begin(), band.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
-        const float p = top_p[r];
-        int64_t first = 0;
-        double cumulative = base;
-        for (; first < static_cast<int64_t>(band.size()); ++first) {
-            cumulative += band[first].second;
-            if (!(static_cast<float>(cumulative) < p)) break;
-        }
-        const bool inside = first < static_cast<int64_t>(band.size());
-        threshold[r] = inside ? band[first].first : -INFINITY;
-        ok[r] = inside && static_cast<float>(base) < p && band[first].second >= tiny && !small_above;
-    }
+    for (int64_t r = 0; r < m; at += counts[r], ++r)
+        ok[r] = exact_threshold(values + at, masses + at, in_band + at, counts[r], top_p[r], band, threshold + r);
 }
 
 // Row statistics of z [n, vocab] (rows `stride` apart), in one call:
@@ -683,7 +759,7 @@ void row_stats(const float* z, int64_t n, int64_t stride, int64_t vocab, int64_t
             block_maxima(zr, vocab, block_max.data());
             top_of_row(zr, vocab, k, block_max.data(), scratch, values + r * k, indices + r * k);
             double sums[3];
-            sums_of_row(zr, vocab, values[r * k], sums, nullptr);
+            sums_of_row(zr, vocab, values[r * k], sums);
             sum_e[r] = sums[0];
             sum_ed[r] = sums[1];
             sum_e2[r] = sums[2];
@@ -703,8 +779,11 @@ void row_stats(const float* z, int64_t n, int64_t stride, int64_t vocab, int64_t
 //  3. each row's nucleus (row_threshold) and its masking, in place in z.
 // status[r] = EXACT or REDO where row r's nucleus is left to the caller (z unmasked; see
 // row_threshold): an EXACT row's candidates are in cand_values / cand_diffs / cand_in_band
-// (buffers of n * vocab), cand_counts[r] of them, packed in row order from entry 0. Returns the
-// number of rows left to the caller. The heads' weights are row-major float32: w1 [width, inputs],
+// (buffers of n * vocab), cand_counts[r] of them, packed in row order from entry 0. With torch's
+// exp (torch_exp_fn, called fn(n, in, out, torch_exp_mode); may be null) there are no EXACT rows:
+// the top candidates' decision and each close row's are made here with torch's masses (as the
+// caller's nucleus_exact would), and a row whose exact check fails is REDO. Returns the number of
+// rows left to the caller. The heads' weights are row-major float32: w1 [width, inputs],
 // b1 [width], w2 [width], b2 [1]. A row stays on one thread from its scaling to its masking.
 int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, const float* logits,
                       int64_t logits_stride, int64_t vocab, int64_t n, const float* t_w1, const float* t_b1,
@@ -713,15 +792,25 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
                       int32_t key_first, int32_t n_keys, double margin_cap, double tail_share, double margin_floor,
                       double close, float* z, float* values, int64_t* indices, float* lse, float* temperature,
                       float* top_p, uint8_t* status, float* cand_values, float* cand_diffs, uint8_t* cand_in_band,
-                      int64_t* cand_counts, int32_t threads) {
+                      int64_t* cand_counts, void* torch_exp_fn, int64_t torch_exp_mode, int32_t threads) {
+    const TorchExp torch_exp_of{reinterpret_cast<void (*)(int32_t, const float*, float*, int64_t)>(torch_exp_fn),
+                                torch_exp_mode};
+    const TorchExp* torch_exp = torch_exp_fn != nullptr ? &torch_exp_of : nullptr;
     auto work = [&](int64_t r0, int64_t r1) {
         if (r1 <= r0) return;
         FlushDenormals guard;
-        RowScratch scratch(vocab);
-        NucleusScratch nucleus;
+        StepScratch& kept = step_scratch;
+        RowScratch& scratch = kept.rows;
+        NucleusScratch& nucleus = kept.nucleus;
+        scratch.fit(vocab);
         const int64_t rows = r1 - r0, n_extra = enhanced ? 5 : 1;
-        std::vector<float> out(rows), extra(rows * n_extra), block_max(rows * scratch.n_blocks);
-        std::vector<double> shells(rows * N_SHELLS), totals(rows);
+        std::vector<float>&out = kept.out, &extra = kept.extra, &block_max = kept.block_max;
+        std::vector<double>&shells = kept.shells, &totals = kept.totals;
+        out.resize(rows);
+        extra.resize(rows * n_extra);
+        block_max.resize(rows * scratch.n_blocks);
+        shells.resize(rows * N_SHELLS);
+        totals.resize(rows);
         mlp_rows(hidden + r0 * hidden_stride, hidden_stride, rows, h, nullptr, 0, t_w1, t_b1, t_width, t_w2, t_b2,
                  out.data());
         for (int64_t i = 0; i < rows; ++i) {
@@ -737,7 +826,7 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             float* top = values + r * k;
             top_of_row(zr, vocab, k, bmax, scratch, top, indices + r * k);
             double sums[3];
-            sums_of_row(zr, vocab, top[0], sums, shells.data() + i * N_SHELLS);
+            sums_of_row(zr, vocab, top[0], sums, bmax, shells.data() + i * N_SHELLS);
             const double total = sums[0];
             totals[i] = total;
             const float l = lse_of(top[0], total);
@@ -764,7 +853,14 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             status[r] = row_threshold(zr, vocab, values + r * k, k, lse[r], top_p[r],
                                       block_max.data() + i * scratch.n_blocks, shells.data() + i * N_SHELLS,
                                       totals[i], key_first, n_keys, margin_cap, tail_share, margin_floor, close,
-                                      nucleus, &t, handed);
+                                      torch_exp, nucleus, &t, handed);
+            if (status[r] == EXACT && torch_exp != nullptr) {  // the hand-back's finish, here
+                nucleus.masses.resize(handed.count);
+                (*torch_exp)(handed.diffs, nucleus.masses.data(), handed.count);
+                const bool ok = exact_threshold(handed.values, nucleus.masses.data(), handed.in_band, handed.count,
+                                                top_p[r], nucleus.band, &t);
+                status[r] = ok ? SETTLED : REDO;
+            }
             cand_counts[r] = status[r] == EXACT ? handed.count : 0;
             if (status[r] == SETTLED && t > -INFINITY) mask_row(zr, vocab, t);
         }
@@ -789,12 +885,7 @@ int64_t nucleus_thresholds(const float* values, const float* masses, int64_t n, 
         const float* v = values + r * k;
         const float* e = masses + r * k;
         const float p = std::max(top_p[r], 0.0f);
-        double cumulative = 0.0;
-        int64_t first = 0;
-        for (int64_t j = 0; j < k; ++j) {
-            cumulative += e[j];
-            first += static_cast<float>(cumulative) < p;
-        }
+        const int64_t first = first_reaching(e, k, p);
         const float t = v[std::min(first, k - 1)];
         const bool keep_all = p >= 1.0f;
         threshold[r] = keep_all ? -INFINITY : t;

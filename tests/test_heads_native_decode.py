@@ -5,6 +5,8 @@ back to the torch-exp path."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -103,13 +105,9 @@ def test_real_rows_random_heads(smollm2_rows, threads, seed):
     check_exact(z, t, p, logits)
 
 
-@pytest.mark.parametrize("close", [3e-5, 1.0])
-def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatch, close):
-    """A wide closeness margin hands rows back: at 3e-5 (P = 0.99) with their candidates, finished by
-    torch's exp and nucleus_exact; at 1 whole (even the sum above the band is within it), finished by
-    nucleus_from_stats. Either way the result is exact."""
-    hidden, logits = smollm2_rows
-    temp, top = heads(hidden.shape[-1], temperature=1.0, top_p=0.99)
+def _count_hand_backs(monkeypatch):
+    """Spies on native_decode's two hand-back finishes: {"exact_rows": rows finished by torch's exp
+    and nucleus_exact, "whole_rows": rows through nucleus_from_stats}."""
     lib, calls = nucleus.native(), {"exact_rows": 0, "whole_rows": 0}
 
     class Spy:
@@ -126,9 +124,21 @@ def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatc
         calls["whole_rows"] += z.shape[0]
         return original(z, stats, top_p, inplace)
 
-    monkeypatch.setattr(model, "CLOSE", close)
     monkeypatch.setattr(model, "native", lambda: Spy())
     monkeypatch.setattr(model, "nucleus_from_stats", whole)
+    return calls
+
+
+@pytest.mark.parametrize("close", [3e-5, 1.0])
+def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatch, close):
+    """Without torch's exp in the native call, a wide closeness margin hands rows back: at 3e-5
+    (P = 0.99) with their candidates, finished by torch's exp and nucleus_exact; at 1 whole (even the
+    sum above the band is within it), finished by nucleus_from_stats. Either way the result is exact."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], temperature=1.0, top_p=0.99)
+    calls = _count_hand_backs(monkeypatch)
+    monkeypatch.setattr(model, "CLOSE", close)
+    monkeypatch.setattr(model, "torch_exp", lambda: None)
     with torch.inference_mode():
         z, t, p = native_decode(temp, top, hidden, logits)
     if close == 1.0:
@@ -136,6 +146,62 @@ def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatc
     else:
         assert calls["exact_rows"] >= 10 and calls["exact_rows"] > 2 * calls["whole_rows"], calls
     check_exact(z, t, p, logits)
+
+
+@pytest.mark.skipif(nucleus.torch_exp() is None, reason="torch's exp is not reachable natively here (no MKL)")
+@pytest.mark.parametrize("top_p", [0.95, 0.99, 0.999])
+@pytest.mark.parametrize("close", [5e-7, 3e-5])
+def test_close_rows_are_settled_natively_with_torch_exp(smollm2_rows, monkeypatch, threads, close, top_p):
+    """With torch's exp in the call, the rows the margin calls close are finished inside it (no
+    candidates handed back), to the very output the hand-back gives."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], temperature=1.0, top_p=top_p)
+    monkeypatch.setattr(model, "CLOSE", close)
+    with torch.inference_mode():
+        monkeypatch.setattr(model, "torch_exp", lambda: None)
+        handed = native_decode(temp, top, hidden, logits)
+        monkeypatch.undo()
+        monkeypatch.setattr(model, "CLOSE", close)
+        calls = _count_hand_backs(monkeypatch)
+        z, t, p = native_decode(temp, top, hidden, logits)
+    assert calls["exact_rows"] == 0, calls
+    for mine, theirs in zip((z, t, p), handed, strict=True):
+        assert torch.equal(mine, theirs)
+    check_exact(z, t, p, logits)
+
+
+def test_torch_exp_is_torch_exp():
+    """The native function torch_exp finds gives torch.exp's float32 bits on its check values and on
+    random ones over the range masses take (odd lengths: no vector tail differs)."""
+    found = nucleus.torch_exp()
+    if found is None:
+        pytest.skip("torch's exp is not reachable natively here (no MKL)")
+    address, mode = found
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(address)
+    g = torch.Generator().manual_seed(0)
+    for x in (nucleus._torch_exp_check(), -torch.rand(1_000_003, generator=g) * 110, torch.tensor([-3.5])):
+        y = torch.empty_like(x)
+        fn(x.numel(), x.data_ptr(), y.data_ptr(), mode)
+        assert torch.equal(y.view(torch.int32), torch.exp(x).view(torch.int32))
+
+
+@pytest.mark.slow
+def test_torch_exp_is_torch_exp_on_every_float_that_matters():
+    """Every float32 from -0 down to -104 (1.12e9 values; below, exp is 0): the same bits as torch.exp."""
+    found = nucleus.torch_exp()
+    if found is None:
+        pytest.skip("torch's exp is not reachable natively here (no MKL)")
+    address, mode = found
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(address)
+    start, stop, step = 0x80000000, 0xC2D00001, 1 << 24
+    out = torch.empty(step)
+    differ = 0
+    for first in range(start, stop, step):
+        x = torch.arange(first, min(first + step, stop), dtype=torch.int64).to(torch.int32).view(torch.float32)
+        y = out[: x.numel()]
+        fn(x.numel(), x.data_ptr(), y.data_ptr(), mode)
+        differ += int((y.view(torch.int32) != torch.exp(x).view(torch.int32)).sum())
+    assert differ == 0
 
 
 def _synthetic(vocab: int, hidden_size: int):
@@ -198,6 +264,38 @@ def test_where_it_does_not_apply_decode_runs_the_torch_steps(smollm2_rows):
         assert native_decode(temp.double(), top, hidden[:2], logits[:2]) is None
         z, t, p = decode(temp.double(), top.double(), hidden[:2], logits[:2], use_temperature=True, use_top_p=True)
     assert z.shape == logits[:2].shape and t.dtype == torch.float64
+
+
+def test_heads_changed_between_steps_are_read_afresh(smollm2_rows):
+    """The native step keeps each head's checked addresses between calls: weights updated in place,
+    replaced through ``.data``, or converted to another dtype and back are all seen at the next step."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], seed=7)
+    rows = hidden[:4], logits[:4]
+
+    def same_as_torch_steps():
+        with torch.inference_mode():
+            z, t, p = native_decode(temp, top, *rows)
+            _, t_ref, p_ref = torch_steps(temp, top, *rows)
+        torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+        check_exact(z, t, p, rows[1])
+        return t, p
+
+    t0, p0 = same_as_torch_steps()
+    with torch.no_grad():
+        temp.mlp[2].bias.add_(0.7)  # in place: same tensor, same address
+    t1, _ = same_as_torch_steps()
+    assert not torch.equal(t0, t1)
+    with torch.no_grad():
+        top.mlp[0].weight.data = top.mlp[0].weight.data * 1.5  # a new tensor under the same parameter
+    _, p2 = same_as_torch_steps()
+    assert not torch.equal(p0, p2)
+    top.double()
+    with torch.inference_mode():
+        assert native_decode(temp, top, *rows) is None
+    top.float()
+    same_as_torch_steps()
 
 
 def test_model_with_heads_off_runs_no_heads(smollm2_path):
