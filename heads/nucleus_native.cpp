@@ -8,10 +8,11 @@
 // passes only narrow the search (the band, from an approximate exp) and sum/sort masses torch.exp
 // computed, with the same float64 arithmetic as the numpy path. autodeco_rows decides with this
 // file's exp, which is within 1.4e-7 of torch's (both measured against float64); a row where a
-// decision lies within a margin that covers that (row_threshold) is decided with torch's masses:
-// here, where the caller passes torch's exp function (TorchExp), else by the caller, to whom its
-// candidates are handed back. A row whose checks fail is reported, not guessed. No fast-math: the float64 sums and comparisons must be IEEE
-// (-fno-trapping-math, which lets compares and conversions vectorise, changes no result).
+// decision lies within a margin that covers that (top_threshold, band_threshold) is decided with
+// torch's masses: here, where the caller passes torch's exp function (TorchExp), else by the
+// caller, to whom its candidates are handed back. A row whose checks fail is reported, not
+// guessed. No fast-math: the float64 sums and comparisons must be IEEE (-fno-trapping-math, which
+// lets compares and conversions vectorise, changes no result).
 
 #include <algorithm>
 #include <cfloat>
@@ -329,7 +330,7 @@ inline float lse_of(float m, double total) { return static_cast<float>(static_ca
 // with nucleus_exact), or, where the band missed the crossing, whole (REDO: nucleus.py's exact
 // path); all other rows get the threshold the reference would.
 
-enum RowOutcome : uint8_t { SETTLED = 0, EXACT = 1, REDO = 2 };
+enum RowOutcome : uint8_t { SETTLED = 0, EXACT = 1, REDO = 2, BAND = 3 };  // BAND: not yet decided
 
 // Where an EXACT row writes its candidates: value, value - lse (float32, as torch subtracts) and
 // in-band flag of each, `count` of them.
@@ -459,23 +460,12 @@ inline bool exact_threshold(const float* values, const float* masses, const uint
 
 constexpr size_t REFINE = 256;  // a band larger than this is narrowed by a rung histogram of its tokens
 
-// One row's threshold into *threshold, or REDO. p >= 1 keeps the row whole (-inf); p <= 0 keeps its
-// top token (and ties). First the top candidates (values[k], sorted descending); where they do not
-// reach P, or the crossing ties the last of them, the slow path:
-//  * the band: between the shells (shells[i]: the guide mass above m - SHELL_DEPTHS[i], of total)
-//    where the guide's cumulative crosses P -/+ margin (the margins of nucleus.py);
-//  * one read of the row (blocks whose maximum is below the band skipped): the masses above the band
-//    summed (float64), the band's tokens and masses kept;
-//  * a band of more than REFINE tokens narrowed to the rungs (as rung_keys) where its cumulative
-//    crosses P -/+ margin, the tokens above them added to the sum;
-//  * the band sorted descending, the cumulative continued from the sum to the crossing.
-// A crossing within `close` of P (among the top candidates or in the band) hands the band and the
-// tokens above it to the caller (EXACT, into `out`); a crossing outside the band (the guide erred)
-// hands the row back whole (REDO).
-RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, int64_t k, float lse, float p32,
-                         const float* block_max, const double* shells, double total, int32_t key_first,
-                         int32_t n_keys, double margin_cap, double tail_share, double margin_floor, double close,
-                         const TorchExp* torch_exp, NucleusScratch& s, float* threshold, Candidates& out) {
+// One row's threshold from its top candidates (values[k], sorted descending): SETTLED with
+// *threshold where they settle it (p >= 1 keeps the row whole: -inf; p <= 0 keeps its top token and
+// ties), REDO for a row with non-finite logits, BAND where they do not reach P or the crossing ties
+// the last of them or (without torch's exp) lies within `close` of P: band_threshold decides then.
+RowOutcome top_threshold(const float* values, int64_t k, float lse, float p32, double close,
+                         const TorchExp* torch_exp, NucleusScratch& s, float* threshold) {
     const double p = std::max(p32, 0.0f);
     if (p >= 1.0) {
         *threshold = -INFINITY;
@@ -483,22 +473,40 @@ RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, in
     }
     if (!std::isfinite(lse)) return REDO;  // NaN or infinite logits: the caller's path copes
     s.masses.resize(k);
+    int64_t first;
     if (torch_exp != nullptr) {  // torch's masses: the reference's decision itself
         s.values.resize(k);
         for (int64_t j = 0; j < k; ++j) s.values[j] = values[j] - lse;
         (*torch_exp)(s.values.data(), s.masses.data(), k);
-        const int64_t first = first_reaching(s.masses.data(), k, static_cast<float>(p));
-        if (first < k && values[first] > values[k - 1]) {
-            *threshold = values[first];
-            return SETTLED;
-        }
+        first = first_reaching(s.masses.data(), k, static_cast<float>(p));
+    } else {
+        for (int64_t j = 0; j < k; ++j) s.masses[j] = exp_nonpositive(values[j] - lse);
+        const Crossing c = crossing(s.masses.data(), k, 0.0, p, close);
+        first = c.close ? k : c.first;
     }
-    for (int64_t j = 0; j < k; ++j) s.masses[j] = exp_nonpositive(values[j] - lse);
-    Crossing c = crossing(s.masses.data(), k, 0.0, p, close);
-    if (torch_exp == nullptr && !c.close && c.first < k && values[c.first] > values[k - 1]) {
-        *threshold = values[c.first];
+    if (first < k && values[first] > values[k - 1]) {
+        *threshold = values[first];
         return SETTLED;
     }
+    return BAND;
+}
+
+// The slow path of a row top_threshold left undecided (BAND), on the row zr itself:
+//  * the band: between the shells (shells[i]: the guide mass above m - SHELL_DEPTHS[i], of total)
+//    where the guide's cumulative crosses P -/+ margin (the margins of nucleus.py);
+//  * one read of the row (blocks whose maximum is below the band skipped): the masses above the band
+//    summed (float64), the band's tokens and masses kept;
+//  * a band of more than REFINE tokens narrowed to the rungs (as rung_keys) where its cumulative
+//    crosses P -/+ margin, the tokens above them added to the sum;
+//  * the band sorted descending, the cumulative continued from the sum to the crossing.
+// SETTLED with *threshold; a crossing within `close` of P hands the band and the tokens above it to
+// the caller (EXACT, into `out`); a crossing outside the band (the guide erred) hands the row back
+// whole (REDO).
+RowOutcome band_threshold(const float* zr, int64_t vocab, const float* values, float lse, float p32,
+                          const float* block_max, const double* shells, double total, int32_t key_first,
+                          int32_t n_keys, double margin_cap, double tail_share, double margin_floor, double close,
+                          NucleusScratch& s, float* threshold, Candidates& out) {
+    const double p = std::max(p32, 0.0f);
     const double margin = std::min(margin_cap, std::max(margin_floor, tail_share * (1.0 - p)));
     const float m = values[0];
     float bounds[N_SHELLS];
@@ -563,7 +571,7 @@ RowOutcome row_threshold(const float* zr, int64_t vocab, const float* values, in
         if (base >= p * (1.0 - close) || s.band.empty()) return REDO;
     }
     std::sort(s.band.begin(), s.band.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
-    c = crossing(&s.band[0].second, static_cast<int64_t>(s.band.size()), base, p, close, 2);
+    const Crossing c = crossing(&s.band[0].second, static_cast<int64_t>(s.band.size()), base, p, close, 2);
     if (c.first >= static_cast<int64_t>(s.band.size())) return REDO;
     if (!c.close) {
         *threshold = s.band[c.first].first;
@@ -669,13 +677,49 @@ inline void mask_row(float* zr, int64_t vocab, float t) {
     for (int64_t j = 0; j < vocab; ++j) zr[j] = zr[j] >= t ? zr[j] : -INFINITY;
 }
 
+// out = (z >= t ? z : -inf) over a row, or z itself with `masked` false, written past the caches
+// (streaming stores: the output row is not read here again, and a plain store would first read its
+// lines from memory). Ends with a store fence.
+inline void store_row(float* out, const float* z, int64_t vocab, bool masked, float t) {
+    auto value = [&](int64_t j) { return !masked || z[j] >= t ? z[j] : -INFINITY; };
+    int64_t j = 0;
+#if defined(__AVX__)
+    for (; j < vocab && reinterpret_cast<uintptr_t>(out + j) % 32 != 0; ++j) out[j] = value(j);
+    const __m256 floor = _mm256_set1_ps(masked ? t : -INFINITY), none = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= vocab; j += 8) {
+        const __m256 v = _mm256_loadu_ps(z + j);
+        _mm256_stream_ps(out + j, masked ? _mm256_blendv_ps(none, v, _mm256_cmp_ps(v, floor, _CMP_GE_OQ)) : v);
+    }
+#endif
+    for (; j < vocab; ++j) out[j] = value(j);
+#if defined(__SSE__)
+    _mm_sfence();
+#endif
+}
+
+// out = the row masked at t where every token >= t is among its top candidates (values[k] sorted
+// descending, ids[k]; t > values[k - 1]): -inf everywhere (streaming stores), then those candidates.
+inline void store_top(float* out, int64_t vocab, const float* values, const int64_t* ids, int64_t k, float t) {
+    int64_t j = 0;
+#if defined(__AVX__)
+    for (; j < vocab && reinterpret_cast<uintptr_t>(out + j) % 32 != 0; ++j) out[j] = -INFINITY;
+    const __m256 none = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= vocab; j += 8) _mm256_stream_ps(out + j, none);
+#endif
+    for (; j < vocab; ++j) out[j] = -INFINITY;
+#if defined(__SSE__)
+    _mm_sfence();
+#endif
+    for (int64_t i = 0; i < k && values[i] >= t; ++i) out[ids[i]] = values[i];
+}
+
 // autodeco_rows' scratch on each thread, kept from one call to the next: allocated per call, a decoding
 // step's ~0.5 MB per thread came as fresh pages (page faults, zeroing) every step. Every entry is
 // written before it is read.
 struct StepScratch {
     RowScratch rows{0};
     NucleusScratch nucleus;
-    std::vector<float> out, extra, block_max;
+    std::vector<float> z, out, extra, block_max;
     std::vector<double> shells, totals;
 };
 thread_local StepScratch step_scratch;
@@ -771,14 +815,17 @@ void row_stats(const float* z, int64_t n, int64_t stride, int64_t vocab, int64_t
 
 // One AutoDeco decoding step on n rows (heads.model.decode with both heads on), in three phases on
 // each thread's rows:
-//  1. T = 2 sigmoid(temperature MLP(h)) (temperature[n]); z = logits / max(T, 1e-6) into z [n, vocab]
-//     (float32 division, as torch divides) and its block maxima; row_stats' top-k candidates and
-//     sums (the same functions, so the same values and lse bit for bit: values[n, k], indices[n, k],
-//     lse[n]) and the top-p head's four features (max prob, entropy, variance, top-5 mass);
+//  1. T = 2 sigmoid(temperature MLP(h)) (temperature[n]); z = logits / max(T, 1e-6) (float32
+//     division, as torch divides) into a row of this thread's scratch, which stays in its cache, and
+//     its block maxima; row_stats' top-k candidates and sums (the same functions, so the same values
+//     and lse bit for bit: values[n, k], indices[n, k], lse[n]) and the top-p head's four features
+//     (max prob, entropy, variance, top-5 mass);
 //  2. P = sigmoid(top-p MLP(h, T[, features])) (top_p[n]);
-//  3. each row's nucleus (row_threshold) and its masking, in place in z.
+//  3. each row's nucleus and the output row z [n, vocab], written once: where the top candidates
+//     settle the row (top_threshold), -inf and the kept candidates; else z again into the scratch,
+//     band_threshold on it, and the row masked (or whole) from there.
 // status[r] = EXACT or REDO where row r's nucleus is left to the caller (z unmasked; see
-// row_threshold): an EXACT row's candidates are in cand_values / cand_diffs / cand_in_band
+// band_threshold): an EXACT row's candidates are in cand_values / cand_diffs / cand_in_band
 // (buffers of n * vocab), cand_counts[r] of them, packed in row order from entry 0. With torch's
 // exp (torch_exp_fn, called fn(n, in, out, torch_exp_mode); may be null) there are no EXACT rows:
 // the top candidates' decision and each close row's are made here with torch's masses (as the
@@ -804,7 +851,8 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
         NucleusScratch& nucleus = kept.nucleus;
         scratch.fit(vocab);
         const int64_t rows = r1 - r0, n_extra = enhanced ? 5 : 1;
-        std::vector<float>&out = kept.out, &extra = kept.extra, &block_max = kept.block_max;
+        std::vector<float>&out = kept.out, &extra = kept.extra, &block_max = kept.block_max, &zrow = kept.z;
+        zrow.resize(vocab);
         std::vector<double>&shells = kept.shells, &totals = kept.totals;
         out.resize(rows);
         extra.resize(rows * n_extra);
@@ -817,7 +865,7 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             const int64_t r = r0 + i;
             const float t = 2.0f / (1.0f + std::exp(-out[i]));
             temperature[r] = t;
-            float* zr = z + r * vocab;
+            float* zr = zrow.data();  // z stays in this thread's cache; the output row is written in phase 3
             float* bmax = block_max.data() + i * scratch.n_blocks;
             {
                 KeepDenormals ieee;
@@ -849,20 +897,37 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             top_p[r] = 1.0f / (1.0f + std::exp(-out[i]));
             float t = -INFINITY;
             float* zr = z + r * vocab;
-            Candidates handed{cand_values + r * vocab, cand_diffs + r * vocab, cand_in_band + r * vocab, 0};
-            status[r] = row_threshold(zr, vocab, values + r * k, k, lse[r], top_p[r],
-                                      block_max.data() + i * scratch.n_blocks, shells.data() + i * N_SHELLS,
-                                      totals[i], key_first, n_keys, margin_cap, tail_share, margin_floor, close,
-                                      torch_exp, nucleus, &t, handed);
-            if (status[r] == EXACT && torch_exp != nullptr) {  // the hand-back's finish, here
-                nucleus.masses.resize(handed.count);
-                (*torch_exp)(handed.diffs, nucleus.masses.data(), handed.count);
-                const bool ok = exact_threshold(handed.values, nucleus.masses.data(), handed.in_band, handed.count,
-                                                top_p[r], nucleus.band, &t);
-                status[r] = ok ? SETTLED : REDO;
+            RowOutcome outcome = top_threshold(values + r * k, k, lse[r], top_p[r], close, torch_exp, nucleus, &t);
+            cand_counts[r] = 0;
+            if (outcome == SETTLED && t > -INFINITY) {  // the usual row: its kept tokens are candidates
+                status[r] = SETTLED;
+                store_top(zr, vocab, values + r * k, indices + r * k, k, t);
+                continue;
             }
-            cand_counts[r] = status[r] == EXACT ? handed.count : 0;
-            if (status[r] == SETTLED && t > -INFINITY) mask_row(zr, vocab, t);
+            {
+                KeepDenormals ieee;  // the row's z again (phase 1's was overwritten by the next rows)
+                const float divisor = std::max(temperature[r], 1e-6f);
+                const float* lr = logits + r * logits_stride;
+#pragma omp simd
+                for (int64_t j = 0; j < vocab; ++j) zrow[j] = lr[j] / divisor;
+            }
+            if (outcome == BAND) {
+                Candidates handed{cand_values + r * vocab, cand_diffs + r * vocab, cand_in_band + r * vocab, 0};
+                outcome = band_threshold(zrow.data(), vocab, values + r * k, lse[r], top_p[r],
+                                         block_max.data() + i * scratch.n_blocks, shells.data() + i * N_SHELLS,
+                                         totals[i], key_first, n_keys, margin_cap, tail_share, margin_floor, close,
+                                         nucleus, &t, handed);
+                if (outcome == EXACT && torch_exp != nullptr) {  // the hand-back's finish, here
+                    nucleus.masses.resize(handed.count);
+                    (*torch_exp)(handed.diffs, nucleus.masses.data(), handed.count);
+                    const bool ok = exact_threshold(handed.values, nucleus.masses.data(), handed.in_band,
+                                                    handed.count, top_p[r], nucleus.band, &t);
+                    outcome = ok ? SETTLED : REDO;
+                }
+                cand_counts[r] = outcome == EXACT ? handed.count : 0;
+            }
+            status[r] = outcome;
+            store_row(zr, zrow.data(), vocab, outcome == SETTLED && t > -INFINITY, t);
         }
     };
     on_row_blocks(n, threads, work);
