@@ -216,7 +216,9 @@ void scale_with_block_maxima(const float* lr, int64_t vocab, float t, float* zr,
 
 // The k largest values of the row, sorted descending, and their token ids. They lie in the k blocks
 // with the largest maxima, and are >= the k-th largest block maximum (those k blocks hold k values
-// >= it): every value >= that floor lies in a block whose maximum is >= it. Requires k <= vocab.
+// >= it): every value >= that floor lies in a block whose maximum is >= it. Those blocks are read 8
+// values to a compare (a block holds one or two such values); the k largest of the ~100 found are
+// selected, then sorted. Requires k <= vocab.
 void top_of_row(const float* zr, int64_t vocab, int64_t k, const float* block_max, RowScratch& s, float* values,
                 int64_t* indices) {
     const int64_t kb = std::min(k, s.n_blocks);
@@ -226,7 +228,20 @@ void top_of_row(const float* zr, int64_t vocab, int64_t k, const float* block_ma
     s.cand.clear();
     for (int64_t b = 0; b < s.n_blocks; ++b) {
         if (!(block_max[b] >= floor)) continue;
-        for (int64_t j = b * BLOCK; j < std::min(vocab, (b + 1) * BLOCK); ++j)
+        int64_t j = b * BLOCK;
+#if defined(__AVX__)
+        if ((b + 1) * BLOCK <= vocab) {
+            const __m256 at_least = _mm256_set1_ps(floor);
+            for (; j < (b + 1) * BLOCK; j += 8) {
+                unsigned kept = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(zr + j), at_least, _CMP_GE_OQ));
+                for (; kept != 0; kept &= kept - 1) {
+                    const int64_t at = j + __builtin_ctz(kept);
+                    s.cand.emplace_back(zr[at], at);
+                }
+            }
+        }
+#endif
+        for (; j < std::min(vocab, (b + 1) * BLOCK); ++j)
             if (zr[j] >= floor) s.cand.emplace_back(zr[j], j);
     }
     if (static_cast<int64_t>(s.cand.size()) < k) {  // only with NaN in the row: take it whole
@@ -234,7 +249,8 @@ void top_of_row(const float* zr, int64_t vocab, int64_t k, const float* block_ma
         for (int64_t j = 0; j < vocab; ++j) s.cand.emplace_back(zr[j], j);
     }
     auto by_value = [](const auto& x, const auto& y) { return x.first > y.first; };
-    std::partial_sort(s.cand.begin(), s.cand.begin() + k, s.cand.end(), by_value);
+    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), by_value);
+    std::sort(s.cand.begin(), s.cand.begin() + k, by_value);
     for (int64_t i = 0; i < k; ++i) {
         values[i] = s.cand[i].first;
         indices[i] = s.cand[i].second;
