@@ -98,6 +98,36 @@ inline float exp_nonpositive(float x) {
     return live * p * float_of((n + 127) << 23);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Eight exp(x) for x <= 0 (x <= -87 and NaN give 0; callers check NaN themselves), relative error
+// < 1.5e-7 (1.41e-7 measured at 1e8 points): 2^(n/8) e^r with n = round(x 8 / ln 2), r = x - n ln 2 / 8
+// (ln 2 / 8 split hi/lo, |r| <= ln 2 / 16), 2^(n/8) = 2^(n >> 3) * 2^((n & 7) / 8) from an 8-entry
+// table in a register, e^r by its Taylor polynomial to r^5. A quarter fewer operations than
+// exp_nonpositive: the sums pass takes it over every token of a row.
+inline __m256 exp8_nonpositive(__m256 x) {
+    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 t = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(11.5415602f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i n = _mm256_cvtps_epi32(t);
+    __m256 r = _mm256_fmadd_ps(t, _mm256_set1_ps(-0.086639404296875f), x);
+    r = _mm256_fmadd_ps(t, _mm256_set1_ps(-3.993272912339307e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 120);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256 eighths = _mm256_setr_ps(1.0f, 1.0905077457427979f, 1.1892070770263672f, 1.2968395948410034f,
+                                          1.4142135381698608f, 1.5422108173370361f, 1.6817928552627563f,
+                                          1.8340080976486206f);  // 2^(j / 8)
+    const __m256 fraction = _mm256_permutevar8x32_ps(eighths, n);  // by n's low 3 bits
+    const __m256 power = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_srai_epi32(n, 3), _mm256_set1_epi32(127)), 23));
+    return _mm256_and_ps(live, _mm256_mul_ps(_mm256_mul_ps(fraction, p), power));
+}
+#endif
+
 struct Rows {
     const float* z; int64_t stride; int64_t vocab;
     const int64_t* rows; const float* row_max; const double* top_p;
@@ -312,9 +342,42 @@ __attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float
     float bounds[N_SHELLS];
     shell_bounds(m, bounds);
     if (shells != nullptr) std::fill(shells, shells + N_SHELLS, 0.0);
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 top = _mm256_set1_ps(m), largest = _mm256_set1_ps(FLT_MAX), none = _mm256_set1_ps(-INFINITY);
+    __m256 unordered = _mm256_setzero_ps();
+#endif
     for (int64_t start = 0; start < vocab; start += CHUNK) {
         const int64_t count = std::min<int64_t>(CHUNK, vocab - start);
         float a = 0.0f, b = 0.0f, c = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 va = _mm256_setzero_ps(), vb = va, vc = va;
+        for (int64_t j = 0; j < count; j += 8) {
+            __m256 zz;
+            if (j + 8 <= count) {
+                zz = _mm256_loadu_ps(zr + start + j);
+            } else {  // the row's last values; the lanes past its end read as -inf (e = 0)
+                const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count - j)), lane);
+                zz = _mm256_blendv_ps(none, _mm256_maskload_ps(zr + start + j, inside), _mm256_castsi256_ps(inside));
+            }
+            const __m256 d = _mm256_sub_ps(zz, top);
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(d, d, _CMP_UNORD_Q));  // NaN, or inf - inf
+            const __m256 e = exp8_nonpositive(d);
+            _mm256_storeu_ps(ev + j, e);
+            va = _mm256_add_ps(va, e);
+            vb = _mm256_fmadd_ps(e, _mm256_min_ps(_mm256_sub_ps(top, zz), largest), vb);  // z = -inf adds 0
+            vc = _mm256_fmadd_ps(e, e, vc);
+        }
+        alignas(32) float lanes[3][8];
+        _mm256_store_ps(lanes[0], va);
+        _mm256_store_ps(lanes[1], vb);
+        _mm256_store_ps(lanes[2], vc);
+        for (int l = 0; l < 8; ++l) {
+            a += lanes[0][l];
+            b += lanes[1][l];
+            c += lanes[2][l];
+        }
+#else
 #pragma omp simd reduction(+ : a, b, c)
         for (int64_t j = 0; j < count; ++j) {
             const float zz = zr[start + j];
@@ -324,11 +387,15 @@ __attribute__((noinline)) void sums_of_row(const float* zr, int64_t vocab, float
             b += e * std::min(m - zz, FLT_MAX);  // z = -inf (e = 0) adds 0, not NaN
             c += e * e;
         }
+#endif
         total += a;
         total_ed += b;
         total_e2 += c;
         if (shells != nullptr) shells_of_chunk(zr + start, ev, count, block_max + start / BLOCK, bounds, shells);
     }
+#if defined(__AVX2__) && defined(__FMA__)
+    if (_mm256_movemask_ps(unordered) != 0) total = total_ed = total_e2 = NAN;  // as exp_nonpositive's NaN would
+#endif
     sums[0] = total;
     sums[1] = total_ed;
     sums[2] = total_e2;
