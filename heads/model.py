@@ -250,8 +250,8 @@ def _head_pointers(head: nn.Module) -> tuple | None:
     contiguous, on the CPU), or None if it is not. The checks run once per set of tensors: the result
     is kept on the head and reused while its four parameters are the same objects at the same
     addresses (an in-place update keeps both; .to(), ``.data =`` and load_state_dict(assign=True)
-    change one). At a decoding step, with caches cold from the forward, each tensor attribute read
-    costs microseconds."""
+    change one; a weight re-strided or resized in place at the same address is not seen). At a
+    decoding step, with caches cold from the forward, each tensor attribute read costs microseconds."""
     modules = head.mlp._modules
     first, last = modules.get("0"), modules.get("2")
     if not (isinstance(first, nn.Linear) and isinstance(last, nn.Linear)):  # e.g. wrapped by an adapter

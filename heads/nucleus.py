@@ -176,11 +176,11 @@ VML_EXP_MODE = 0x2 | 0x140000 | 0x100
 
 
 def _torch_exp_check() -> torch.Tensor:
-    """Where torch_exp's function must equal torch.exp: float32 values from 0 down to -104 (below it
-    exp is 0), every 4099th bit pattern (every exponent, ~270k values), plus -inf, -0, 0 and the
-    exp(x) = 1e-38 region's neighbours where results go denormal."""
+    """Where torch_exp's function must equal torch.exp (at aligned and unaligned addresses): float32
+    values from 0 down to -104 (below it exp is 0), every 4099th bit pattern (every exponent, ~270k
+    values), plus -inf, -0, 0 and the exp(x) = 1e-38 region's neighbours where results go denormal."""
     bits = torch.arange(0x80000000, 0xC2D00001, 4099, dtype=torch.int64).to(torch.int32)
-    special = torch.tensor([float("-inf"), -0.0, 0.0, -87.33655, -87.33654, -103.97, -1e-45])
+    special = torch.tensor([float("-inf"), -0.0, 0.0, -87.33655, -87.33654, -103.97, -1e-45], dtype=torch.float32)
     return torch.cat([bits.view(torch.float32), special])
 
 
@@ -194,11 +194,14 @@ def _load_torch_exp():
         return None
     fn.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn.restype = None
-    x = _torch_exp_check()
-    y = torch.empty_like(x)
-    fn(x.numel(), x.data_ptr(), y.data_ptr(), VML_EXP_MODE)
-    if not torch.equal(y.view(torch.int32), torch.exp(x).view(torch.int32)):
-        return None
+    check = _torch_exp_check()
+    out = torch.empty(check.numel() + 8, dtype=torch.float32)
+    for start, at in ((0, 0), (1, 3), (5, 1)):  # aligned, and unaligned as the native call passes its buffers
+        x = check[start:]
+        y = out[at : at + x.numel()]
+        fn(x.numel(), x.data_ptr(), y.data_ptr(), VML_EXP_MODE)
+        if not torch.equal(y.view(torch.int32), torch.exp(x.clone()).view(torch.int32)):
+            return None
     return ctypes.cast(fn, ctypes.c_void_p).value, VML_EXP_MODE
 
 

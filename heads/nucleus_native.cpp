@@ -274,13 +274,15 @@ void top_of_row(const float* zr, int64_t vocab, int64_t k, const float* block_ma
         for (; j < std::min(vocab, (b + 1) * BLOCK); ++j)
             if (zr[j] >= floor) s.cand.emplace_back(zr[j], j);
     }
+    auto by_value = [](const auto& x, const auto& y) { return x.first > y.first; };
     if (static_cast<int64_t>(s.cand.size()) < k) {  // only with NaN in the row: take it whole
         s.cand.clear();
         for (int64_t j = 0; j < vocab; ++j) s.cand.emplace_back(zr[j], j);
+        std::partial_sort(s.cand.begin(), s.cand.begin() + k, s.cand.end(), by_value);  // safe with NaN
+    } else {  // no NaN among values >= the floor: a strict weak order
+        std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), by_value);
+        std::sort(s.cand.begin(), s.cand.begin() + k, by_value);
     }
-    auto by_value = [](const auto& x, const auto& y) { return x.first > y.first; };
-    std::nth_element(s.cand.begin(), s.cand.begin() + (k - 1), s.cand.end(), by_value);
-    std::sort(s.cand.begin(), s.cand.begin() + k, by_value);
     for (int64_t i = 0; i < k; ++i) {
         values[i] = s.cand[i].first;
         indices[i] = s.cand[i].second;
@@ -408,10 +410,12 @@ inline float lse_of(float m, double total) { return static_cast<float>(static_ca
 // ---------------------------------------------------------------------------- one row's nucleus
 // The exact nucleus decided with this file's own exp (exp_nonpositive, within 1.4e-7 of torch's,
 // measured): every decision compares a float64 cumulative mass with P, and a cumulative within
-// `close` (relative) of P could fall on the other side with torch's masses. Such a row is handed
-// back with its candidates (EXACT: the caller computes their masses with torch's exp and finishes
-// with nucleus_exact), or, where the band missed the crossing, whole (REDO: nucleus.py's exact
-// path); all other rows get the threshold the reference would.
+// `close` (relative) of P could fall on the other side with torch's masses. Such a decision is made
+// with torch's masses: by torch's exp function where autodeco_rows has it (TorchExp: the top
+// candidates' decision, and a close band row's candidates through exact_threshold), else by the
+// caller, to whom the row goes back with its candidates (EXACT: torch's exp, then nucleus_exact).
+// A row whose band missed the crossing goes back whole (REDO: nucleus.py's exact path); all other
+// rows get the threshold the reference would.
 
 enum RowOutcome : uint8_t { SETTLED = 0, EXACT = 1, REDO = 2, BAND = 3 };  // BAND: not yet decided
 

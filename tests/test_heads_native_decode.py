@@ -6,6 +6,7 @@ back to the torch-exp path."""
 from __future__ import annotations
 
 import ctypes
+import platform
 
 import pytest
 import torch
@@ -150,29 +151,39 @@ def test_rows_handed_back_go_through_the_torch_exp_path(smollm2_rows, monkeypatc
 
 @pytest.mark.skipif(nucleus.torch_exp() is None, reason="torch's exp is not reachable natively here (no MKL)")
 @pytest.mark.parametrize("top_p", [0.95, 0.99, 0.999])
-@pytest.mark.parametrize("close", [5e-7, 3e-5])
+@pytest.mark.parametrize("close", [3e-5, 3e-4])
 def test_close_rows_are_settled_natively_with_torch_exp(smollm2_rows, monkeypatch, threads, close, top_p):
-    """With torch's exp in the call, the rows the margin calls close are finished inside it (no
-    candidates handed back), to the very output the hand-back gives."""
+    """With torch's exp in the call, the rows a widened margin calls close (the hand-back gets some:
+    asserted) are finished inside it instead, to the very output the hand-back gives."""
     hidden, logits = smollm2_rows
     temp, top = heads(hidden.shape[-1], temperature=1.0, top_p=top_p)
     monkeypatch.setattr(model, "CLOSE", close)
     with torch.inference_mode():
         monkeypatch.setattr(model, "torch_exp", lambda: None)
+        before = _count_hand_backs(monkeypatch)
         handed = native_decode(temp, top, hidden, logits)
         monkeypatch.undo()
         monkeypatch.setattr(model, "CLOSE", close)
         calls = _count_hand_backs(monkeypatch)
         z, t, p = native_decode(temp, top, hidden, logits)
+    assert before["exact_rows"] > 0, before  # there were close rows to settle
     assert calls["exact_rows"] == 0, calls
     for mine, theirs in zip((z, t, p), handed, strict=True):
         assert torch.equal(mine, theirs)
     check_exact(z, t, p, logits)
 
 
+@pytest.mark.skipif(not (torch.backends.mkl.is_available() and platform.system() == "Linux"
+                         and platform.machine() in ("x86_64", "AMD64")), reason="torch without MKL here")
+def test_torch_exp_is_found_where_torch_has_mkl():
+    """With MKL in torch (the x86 Linux wheels), torch_exp finds it: a broken probe would otherwise
+    only show as skipped tests and slower decoding."""
+    assert nucleus.torch_exp() is not None
+
+
 def test_torch_exp_is_torch_exp():
     """The native function torch_exp finds gives torch.exp's float32 bits on its check values and on
-    random ones over the range masses take (odd lengths: no vector tail differs)."""
+    random ones over the range masses take (odd lengths and unaligned buffers: no tail or head differs)."""
     found = nucleus.torch_exp()
     if found is None:
         pytest.skip("torch's exp is not reachable natively here (no MKL)")
@@ -180,9 +191,11 @@ def test_torch_exp_is_torch_exp():
     fn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(address)
     g = torch.Generator().manual_seed(0)
     for x in (nucleus._torch_exp_check(), -torch.rand(1_000_003, generator=g) * 110, torch.tensor([-3.5])):
-        y = torch.empty_like(x)
-        fn(x.numel(), x.data_ptr(), y.data_ptr(), mode)
-        assert torch.equal(y.view(torch.int32), torch.exp(x).view(torch.int32))
+        for start, at in ((0, 0), (1, 2), (3, 7)):  # aligned and unaligned input and output
+            view, out = x[start:], torch.empty(x.numel() + 8)
+            y = out[at : at + view.numel()]
+            fn(view.numel(), view.data_ptr(), y.data_ptr(), mode)
+            assert torch.equal(y.view(torch.int32), torch.exp(view.clone()).view(torch.int32))
 
 
 @pytest.mark.slow
@@ -219,16 +232,29 @@ def _synthetic(vocab: int, hidden_size: int):
     yield "masked", hidden, masked
 
 
-@pytest.mark.parametrize("vocab", [49152, 1000, 333])
+@pytest.mark.parametrize("vocab", [49152, 1000, 333, 1001, 1003, 39])
 @pytest.mark.parametrize("top_p", [0.0, 0.5, 0.9, 0.999, 1.0])
 def test_synthetic_rows(threads, vocab, top_p):
-    """Ties, one-hot, flat and -inf-masked rows, vocabularies not a multiple of the blocks: exact."""
+    """Ties, one-hot, flat and -inf-masked rows, vocabularies not a multiple of the blocks (every
+    remainder of the sums pass' 8 lanes: 0, 5, 1, 3, 7) or smaller than the 64 top candidates: exact."""
     for name, hidden, logits in _synthetic(vocab, 16):
         temp, top = heads(16, temperature=1.3, top_p=min(top_p, 1 - 1e-7) if top_p < 1 else 0.99999994)
         with torch.inference_mode():
             z, t, p = native_decode(temp, top, hidden, logits)
         check_exact(z, t, p, logits)
         assert torch.isfinite(z).sum(-1).min() >= 1, name
+
+
+def test_p_exactly_one_keeps_every_row_whole(smollm2_rows, threads):
+    """A top-p head saturated to P = 1.0 (float32): z = l / T, nothing masked."""
+    hidden, logits = smollm2_rows
+    temp, top = heads(hidden.shape[-1], temperature=0.7)
+    with torch.no_grad():
+        top.mlp[2].bias.fill_(100.0)
+    with torch.inference_mode():
+        z, t, p = native_decode(temp, top, hidden, logits)
+    assert bool((p == 1.0).all())
+    assert torch.equal(z, logits / t.clamp_min(1e-6).unsqueeze(-1))
 
 
 def test_nan_rows_follow_the_torch_path():
@@ -253,6 +279,11 @@ def test_heads_without_features_and_batched_shapes(smollm2_rows):
     assert z.shape == (3, 4, logits.shape[-1]) and t.shape == p.shape == (3, 4)
     torch.testing.assert_close(p.reshape(-1), p_ref, rtol=1e-5, atol=1e-6)
     check_exact(z.reshape(12, -1), t.reshape(-1), p.reshape(-1), logits[:12])
+    with torch.inference_mode():  # the last position of each sequence: rows strided by L * V (a view, no copy)
+        strided = native_decode(temp, top, hidden[:12].reshape(3, 4, -1)[:, -1], logits[:12].reshape(3, 4, -1)[:, -1])
+        packed = native_decode(temp, top, hidden[3:12:4].clone(), logits[3:12:4].clone())
+    for a, b in zip(strided, packed, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_where_it_does_not_apply_decode_runs_the_torch_steps(smollm2_rows):
