@@ -46,6 +46,7 @@ checkpoints for trust_remote_code loading.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -184,7 +185,13 @@ def _torch_exp_check() -> torch.Tensor:
     return torch.cat([bits.view(torch.float32), special])
 
 
-def _load_torch_exp():
+@functools.cache
+def torch_exp():
+    """(address, mode) of a native function that computes torch.exp of float32 values bit for bit
+    (MKL's vmsExp inside libtorch_cpu, called as fn(n, in, out, mode)), or None: not Linux, torch
+    without MKL, or a function that differs from torch.exp on _torch_exp_check's values. With it,
+    native decoding settles close rows itself (autodeco_rows) instead of handing them back. Probed
+    once (two threads racing would only both probe)."""
     if platform.system() != "Linux":
         return None
     path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
@@ -203,21 +210,6 @@ def _load_torch_exp():
         if not torch.equal(y.view(torch.int32), torch.exp(x.clone()).view(torch.int32)):
             return None
     return ctypes.cast(fn, ctypes.c_void_p).value, VML_EXP_MODE
-
-
-_torch_exp_state: list = []  # [(address, mode) or None] once probed
-
-
-def torch_exp():
-    """(address, mode) of a native function that computes torch.exp of float32 values bit for bit
-    (MKL's vmsExp inside libtorch_cpu, called as fn(n, in, out, mode)), or None: not Linux, torch
-    without MKL, or a function that differs from torch.exp on _torch_exp_check's values. With it,
-    native decoding settles close rows itself (autodeco_rows) instead of handing them back."""
-    if not _torch_exp_state:
-        with _native_lock:
-            if not _torch_exp_state:
-                _torch_exp_state.append(_load_torch_exp())
-    return _torch_exp_state[0]
 
 
 @dataclass

@@ -57,6 +57,7 @@ struct KeepDenormals {
 
 constexpr int KEY_SHIFT = 18;      // as nucleus.py: rungs are 1/32 of (1 + depth) wide
 constexpr float MAX_DEPTH = 64.0f;
+constexpr float MIN_TEMPERATURE = 1e-6f;  // z = l / max(T, this), as heads.model's clamp_min(1e-6)
 constexpr int CHUNK = 512;
 constexpr int64_t BLOCK = 64;  // block maxima: CHUNK is a multiple of it
 
@@ -956,7 +957,7 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             float* bmax = block_max.data() + i * scratch.n_blocks;
             {
                 KeepDenormals ieee;
-                scale_with_block_maxima(logits + r * logits_stride, vocab, std::max(t, 1e-6f), zr, bmax);
+                scale_with_block_maxima(logits + r * logits_stride, vocab, std::max(t, MIN_TEMPERATURE), zr, bmax);
             }
             float* top = values + r * k;
             top_of_row(zr, vocab, k, bmax, scratch, top, indices + r * k);
@@ -993,7 +994,7 @@ int64_t autodeco_rows(const float* hidden, int64_t hidden_stride, int64_t h, con
             }
             {
                 KeepDenormals ieee;  // the row's z again (phase 1's was overwritten by the next rows)
-                const float divisor = std::max(temperature[r], 1e-6f);
+                const float divisor = std::max(temperature[r], MIN_TEMPERATURE);
                 const float* lr = logits + r * logits_stride;
 #pragma omp simd
                 for (int64_t j = 0; j < vocab; ++j) zrow[j] = lr[j] / divisor;

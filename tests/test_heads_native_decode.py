@@ -173,6 +173,11 @@ def test_close_rows_are_settled_natively_with_torch_exp(smollm2_rows, monkeypatc
     check_exact(z, t, p, logits)
 
 
+def _exp_function(address: int):
+    """torch_exp's function, callable from Python: fn(n, in, out, mode)."""
+    return ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(address)
+
+
 @pytest.mark.skipif(not (torch.backends.mkl.is_available() and platform.system() == "Linux"
                          and platform.machine() in ("x86_64", "AMD64")), reason="torch without MKL here")
 def test_torch_exp_is_found_where_torch_has_mkl():
@@ -188,7 +193,7 @@ def test_torch_exp_is_torch_exp():
     if found is None:
         pytest.skip("torch's exp is not reachable natively here (no MKL)")
     address, mode = found
-    fn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(address)
+    fn = _exp_function(address)
     g = torch.Generator().manual_seed(0)
     for x in (nucleus._torch_exp_check(), -torch.rand(1_000_003, generator=g) * 110, torch.tensor([-3.5])):
         for start, at in ((0, 0), (1, 2), (3, 7)):  # aligned and unaligned input and output
@@ -205,7 +210,7 @@ def test_torch_exp_is_torch_exp_on_every_float_that_matters():
     if found is None:
         pytest.skip("torch's exp is not reachable natively here (no MKL)")
     address, mode = found
-    fn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(address)
+    fn = _exp_function(address)
     start, stop, step = 0x80000000, 0xC2D00001, 1 << 24
     out = torch.empty(step)
     differ = 0
