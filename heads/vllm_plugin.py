@@ -28,12 +28,18 @@ Per-token T and P: every ``compute_logits`` call leaves its rows' (T, P) in ``LA
 worker process's memory); ``TraceRecorder``, a vLLM V1 logits processor, matches them to requests
 that ask for a trace (``SamplingParams.extra_args = {"autodeco_trace": "<dir>"}``) and appends
 them to ``<dir>/trace-<pid>.jsonl``: one line per step, read back with ``read_traces``.
+
+Timing (``autodeco bench nucleus``): between ``collective_rpc("autodeco_time_heads", args=(True,))``
+and ``(False,)``, which returns them, every ``compute_logits`` call appends its start time and the
+wall time of its head work (``apply_heads``: heads, ÷T, nucleus; ~0 with the heads off) to
+``HEAD_TIMES`` in the worker: the starts' spacing is the engine's step.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,6 +60,8 @@ REQUEST_KEY = "autodeco_request"  # SamplingParams.extra_args key: the caller's 
 
 # (temperature [N] or None, top_p [N] or None) of the rows of the latest compute_logits call.
 LAST_STEP: dict[str, torch.Tensor | None] = {"temperature": None, "top_p": None}
+# (start, seconds of head work) of each compute_logits call while a caller records them (else None).
+HEAD_TIMES: list[tuple[float, float]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +169,10 @@ class AutoDecoHeads:
         logits = super().compute_logits(hidden_states)
         if logits is None:  # tensor-parallel ranks other than the driver
             return None
+        start = time.perf_counter()
         logits, temperature, top_p = apply_heads(self, hidden_states, logits)
+        if HEAD_TIMES is not None:
+            HEAD_TIMES.append((start, time.perf_counter() - start))
         LAST_STEP["temperature"], LAST_STEP["top_p"] = temperature, top_p
         return logits
 
@@ -202,13 +213,22 @@ WORKER_EXTENSION = "heads.vllm_plugin.AutoDecoWorkerExtension"
 
 class AutoDecoWorkerExtension:
     """Methods vLLM mixes into its workers (``worker_extension_cls``), called by name with
-    ``LLM.collective_rpc``: switch the heads, or load another checkpoint's heads, in place."""
+    ``LLM.collective_rpc``: switch the heads, or load another checkpoint's heads, in place; time
+    the heads' work."""
 
     def autodeco_set_decoding(self, temperature: bool, top_p: bool) -> tuple[bool, bool]:
         return set_decoding(self.get_model(), temperature, top_p)
 
     def autodeco_load_heads(self, path: str) -> int:
         return load_heads(self.get_model(), head_tensors(path))
+
+    def autodeco_time_heads(self, start: bool) -> list[tuple[float, float]]:
+        """Start recording every ``compute_logits`` call in this worker (``start``: returns []), or
+        stop and return what was recorded: (start time, seconds of head work) per call, in order."""
+        global HEAD_TIMES
+        recorded = HEAD_TIMES or []
+        HEAD_TIMES = [] if start else None
+        return [] if start else recorded
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from harness.backends.hf_kernels import (
     sample_rows,
     use_native_elementwise,
 )
-from harness.bench.nucleus import GOAL, ratio_interval
+from harness.bench.nucleus import GOAL, SHARE_GOAL, ratio_interval, share_interval, step_seconds
 from harness.decoding import get_preset
 
 needs_packed_bf16 = pytest.mark.skipif(not packed_supported(torch.bfloat16),
@@ -498,6 +498,25 @@ def test_bench_nucleus_verdict_needs_the_whole_interval():
     assert one["verdict"] == "undecided" and one["ratio_ci"] is None and one["ratio_mean"] == pytest.approx(0.9)
 
 
+def test_bench_nucleus_step_share_pairs_each_autodeco_run_with_its_default_run():
+    """A repeat's share is the median of its AutoDeco run's step times over its own default run's
+    step, the median spacing of that run's step starts (not pooled, not its wall time per token: a
+    slow first step does not count); the verdict against 1% needs the whole interval, as the ratio's."""
+    heads = [[0.002, 0.001, 0.0012], [0.004, 0.0011, 0.0013]]  # medians 1.2 and 1.3 ms
+    starts = [[5.0, 5.5, 5.6, 5.7], [9.0, 9.08, 9.16, 9.36]]  # steps 100 and 80 ms (5.0: a slow first step)
+    assert step_seconds(starts[0]) == pytest.approx(0.1) and step_seconds(starts[1]) == pytest.approx(0.08)
+    got = share_interval(heads, starts)
+    assert got["shares"] == pytest.approx([0.012, 0.01625])
+    assert got["share_mean"] == pytest.approx(math.sqrt(0.012 * 0.01625))
+    assert got["share_verdict"] == "undecided" and got["share_ci"][0] < got["share_mean"] < got["share_ci"][1]
+    steady = [[0.0, 0.1, 0.2], [0.0, 0.101, 0.202], [0.0, 0.0995, 0.199]]
+    tight = share_interval([[0.0013]] * 3, steady)
+    assert tight["share_verdict"] == "misses" and tight["share_ci"][0] > SHARE_GOAL
+    assert share_interval([[0.0008]] * 3, steady)["share_verdict"] == "meets"
+    with pytest.raises(ValueError):  # a run without its pair is a bug, not a shorter mean
+        share_interval(heads, starts[:1])
+
+
 @pytest.mark.slow
 def test_bench_nucleus_times_the_backends_own_path(tmp_path):
     """`bench nucleus` at a tiny size: the hf child runs the backend (kernels, cache, row sampler) with
@@ -515,10 +534,14 @@ def test_bench_nucleus_times_the_backends_own_path(tmp_path):
     row = column["settings"]["P=0.9"]
     assert row["ratio"] > 0 and len(row["default_seconds"]) == len(row["autodeco_seconds"]) == 1
     assert row["verdict"] == "undecided" and result["verdicts"] == {"meets": 0, "misses": 0, "undecided": 1}
-    assert column["step_ms"] == pytest.approx(1e3 * row["default_seconds"][0] / 3)
+    assert column["step_ms"] == pytest.approx(row["default_step_ms"][0])  # one default run: its median step
+    assert 0 < column["step_ms"] < 1e3 * row["default_seconds"][0] / 2  # 3 steps, 2 spacings: under a third of the wall
     assert row["top_p_mean"] == pytest.approx(0.9, abs=1e-4)
     assert 0 <= row["slow_rows"] <= 2
     assert row["generation_ms"] > 0 and row["autodeco_ms"] > 0 and row["torch_steps_ms"] > 0
+    assert row["shares"] == [pytest.approx(row["generation_ms"] / column["step_ms"])]  # one repeat, 3 steps
+    assert row["share_verdict"] == "undecided" and row["share_ci"] is None
+    assert result["share_verdicts"] == {"meets": 0, "misses": 0, "undecided": 1}
 
 
 def test_matmul_throughput_times_the_packed_linear():

@@ -200,3 +200,43 @@ def test_heads_swap_into_the_live_engine(backend, merged, reference, tmp_path_fa
                                                    max_tokens=1)]))
     assert completion.temperatures[0] == pytest.approx(reference["temperature"], abs=1e-4)
     assert not backend.load_heads(str(smollm2_path))
+
+
+@pytest.mark.slow
+def test_worker_times_the_heads_of_each_step(backend):
+    """`autodeco_time_heads` (for bench nucleus): between start and stop, per compute_logits call in
+    the worker (here one per generated token) its start and its head work's wall time, the work
+    inside the step; nothing recorded after stop."""
+    request = Request("timed/0", PROMPT, get_preset("autodeco"), seed=3, n=1, max_tokens=3)
+    assert backend.llm.collective_rpc("autodeco_time_heads", args=(True,)) == [[]]
+    (completion,) = list(backend.generate([request]))
+    (times,) = backend.llm.collective_rpc("autodeco_time_heads", args=(False,))
+    assert completion.n_tokens == 3 and len(times) == 3
+    starts, seconds = zip(*times, strict=True)
+    assert all(0 < t < 10 for t in seconds)
+    assert all(later - earlier > head for earlier, later, head in zip(starts, starts[1:], seconds, strict=False))
+    list(backend.generate([Request("untimed/0", PROMPT, get_preset("autodeco"), seed=3, n=1, max_tokens=2)]))
+    assert backend.llm.collective_rpc("autodeco_time_heads", args=(False,)) == [[]]
+
+
+@pytest.mark.slow
+def test_bench_nucleus_vllm_times_the_workers_steps(tmp_path):
+    """`bench nucleus` on vllm at a tiny size: the ratio per repeat, and AutoDeco's head work as a
+    share of a default step measured in the worker (the spacing of compute_logits calls, which
+    leaves out each generate call's fixed cost: the step is well under the wall time per token)."""
+    import json
+
+    from harness.cli import main
+
+    assert main(["bench", "nucleus", "--backends", "vllm", "--threads", "1", "--top-ps", "0.9", "--repeats", "2",
+                 "--new-tokens", "4", "--context", "24", "--batch-size", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_nucleus.json").read_text())
+    column = result["results"]["vllm@1"]
+    row = column["settings"]["P=0.9"]
+    assert len(row["default_seconds"]) == len(row["autodeco_seconds"]) == len(row["shares"]) == 2
+    assert all(0 < ms < 1e3 * wall / 3 for ms, wall in zip(row["default_step_ms"], row["default_seconds"],
+                                                           strict=True))
+    assert column["step_ms"] == pytest.approx(sorted(row["default_step_ms"])[0] / 2 + sorted(row["default_step_ms"])[1] / 2)
+    assert 0 < row["generation_ms"] < column["step_ms"]
+    assert row["share_ci"][0] <= row["share_mean"] <= row["share_ci"][1]
+    assert result["share_verdicts"][row["share_verdict"]] == 1

@@ -137,7 +137,9 @@ def _nucleus(bench_subparsers) -> None:
         "T and P), SmolLM2's real logits from natural-text prompts; per engine and thread count a child process "
         "times AutoDeco sampling against default sampling (interleaved repeats: the median ratio and the 95% "
         "interval of the ratios' geometric mean; a cell meets the goal only when its whole interval is <= 1.01) "
-        "and, on hf, the exact nucleus alone per step.",
+        "and AutoDeco's decoding step as a share of a default step (per repeat: its median step in generation over "
+        "the paired default run's median step; goal <= 1%%), and, on hf, that step alone on one step's logits, "
+        "natively and by its torch steps.",
     )
     bench.add_argument("--model", default="smollm2", help="base model (the heads are written for it)")
     bench.add_argument("--top-ps", type=_floats, default=[0.8, 0.9, 0.95, 0.99], help="forced P values (default "
@@ -149,7 +151,8 @@ def _nucleus(bench_subparsers) -> None:
     bench.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it natively), float32, bfloat16")
     bench.add_argument("--batch-size", type=int_at_least(1, 4096), default=16)
     bench.add_argument("--context", type=int_at_least(1, MAX_TOKENS), default=256, help="prompt length in tokens")
-    bench.add_argument("--new-tokens", type=int_at_least(1, MAX_TOKENS), default=32, help="generated tokens per sequence")
+    bench.add_argument("--new-tokens", type=int_at_least(2, MAX_TOKENS), default=32,
+                       help="generated tokens per sequence (at least 2: a step is the spacing of two)")
     bench.add_argument("--repeats", type=int_at_least(1, 4096), default=5,
                        help="interleaved repeats (median and 95%% interval reported; 2 or more for an interval)")
     bench.add_argument("--seed", type=int_at_least(0), default=0)
