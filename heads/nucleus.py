@@ -143,6 +143,8 @@ def _load_native():
                                   i32, i64, i32, i32, f64, f64, f64, f64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                   ptr, ptr, ptr, i64, i32]
     lib.autodeco_rows.restype = i64
+    lib.native_team_cpus.argtypes = [i32]
+    lib.native_team_cpus.restype = i32
     return lib
 
 
@@ -156,10 +158,23 @@ def _native_ok(z: torch.Tensor) -> bool:
 
 
 def _threads() -> int:
-    """Threads for a native call: torch's intra-op count, but no more than the cores this thread
-    may run on (an engine that pins its main thread to one core would stack them there)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), cores))
+    """Threads for a native call: torch's intra-op count, but no more than the CPUs that team may
+    run on (``native_team_cpus``). vLLM's CPU worker pins its main thread to one core and each
+    OpenMP worker to another: the team, torch's OpenMP workers, spans them all. A team whose
+    threads would inherit the caller's single core (no OpenMP build, or unbound workers) gets no
+    more threads than the caller's cores. Counted once per (thread count, caller's cores)."""
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return 1
+    cores = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return _team_threads(threads, cores)
+
+
+@functools.lru_cache(maxsize=64)
+def _team_threads(threads: int, cores: frozenset | None) -> int:
+    lib = native()
+    usable = lib.native_team_cpus(threads) if lib is not None else len(cores) if cores else threads
+    return max(1, min(threads, usable))
 
 
 def native():

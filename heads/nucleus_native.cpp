@@ -28,6 +28,9 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -744,6 +747,34 @@ void on_row_blocks(int64_t n, int32_t threads, const Work& work) {
 #endif
 }
 
+// How many CPUs a team of `threads` (as on_row_blocks starts it) may run on: the union of its
+// threads' affinity masks (Linux; elsewhere `threads`). An engine that pins its main thread to one
+// CPU and each of its OpenMP workers to another (vLLM's CPU worker) gives `threads`; a thread
+// started for the call inherits the caller's mask, so without OpenMP (or with workers started
+// unbound under a pinned caller) the team may stack on the caller's CPUs, and this counts those.
+int32_t team_cpus(int32_t threads) {
+#if defined(__linux__)
+    cpu_set_t all;
+    CPU_ZERO(&all);
+    const auto add_own = [&all](int64_t, int64_t) {
+        cpu_set_t mine;
+        if (sched_getaffinity(0, sizeof(mine), &mine) != 0) CPU_ZERO(&mine);
+#if defined(_OPENMP)
+#pragma omp critical(autodeco_team_cpus)
+#endif
+        CPU_OR(&all, &all, &mine);
+    };
+#if defined(_OPENMP)
+    on_row_blocks(threads, threads, add_own);
+#else  // the threads on_row_blocks would start inherit the caller's mask
+    add_own(0, 0);
+#endif
+    return std::max(1, CPU_COUNT(&all));
+#else
+    return threads;
+#endif
+}
+
 // Rows' slots (row r's candidates from entry r * vocab, counts[r] of them) packed in row order from
 // entry 0; returns their total. Row r's slot starts at r * vocab >= the total before it.
 int64_t pack_slots(float* values, float* diffs, uint8_t* in_band, const int64_t* counts, int64_t n, int64_t vocab) {
@@ -815,6 +846,9 @@ thread_local StepScratch step_scratch;
 }  // namespace
 
 extern "C" {
+
+// team_cpus, for nucleus.py's thread count.
+int32_t native_team_cpus(int32_t threads) { return team_cpus(threads); }
 
 // Band of each of the m rows (rows[r] indexes z), then its candidates: every token whose rung is
 // <= the band's last, as its value, value - lse (float32, as torch subtracts) and in-band flag;

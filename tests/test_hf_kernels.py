@@ -32,7 +32,14 @@ from harness.backends.hf_kernels import (
     sample_rows,
     use_native_elementwise,
 )
-from harness.bench.nucleus import GOAL, SHARE_GOAL, ratio_interval, share_interval, step_seconds
+from harness.bench.nucleus import (
+    GOAL,
+    SHARE_GOAL,
+    cached_prompt_length,
+    ratio_interval,
+    share_interval,
+    step_seconds,
+)
 from harness.decoding import get_preset
 
 needs_packed_bf16 = pytest.mark.skipif(not packed_supported(torch.bfloat16),
@@ -496,6 +503,12 @@ def test_bench_nucleus_verdict_needs_the_whole_interval():
     assert noisy["verdict"] == "undecided" and noisy["ratio_ci"][0] < GOAL < noisy["ratio_ci"][1]
     one = ratio_interval([0.9])
     assert one["verdict"] == "undecided" and one["ratio_ci"] is None and one["ratio_mean"] == pytest.approx(0.9)
+
+
+def test_bench_nucleus_vllm_prompts_leave_one_token_past_the_cached_blocks():
+    """vLLM recomputes a wholly cached prompt's last block: 256 tokens in blocks of 128 recompute 128,
+    257 recompute one."""
+    assert [cached_prompt_length(c, 128) for c in (24, 127, 128, 256, 300, 385)] == [24, 127, 129, 257, 257, 385]
 
 
 def test_bench_nucleus_step_share_pairs_each_autodeco_run_with_its_default_run():

@@ -240,3 +240,4 @@ def test_bench_nucleus_vllm_times_the_workers_steps(tmp_path):
     assert 0 < row["generation_ms"] < column["step_ms"]
     assert row["share_ci"][0] <= row["share_mean"] <= row["share_ci"][1]
     assert result["share_verdicts"][row["share_verdict"]] == 1
+    assert column["prompt_tokens"] == 24  # under a KV block: as asked

@@ -20,7 +20,10 @@ several percent, so a single median under or over 1.01 settles nothing.
   is timed;
 - vllm: one engine on the merged checkpoint, heads switched off (the base's logits, untouched) and
   on through the worker RPC; the prompts are prefix-cached after a warm-up, so the runs are
-  decode steps too.
+  decode steps too. vLLM caches whole KV blocks (128 tokens on CPU) and recomputes a wholly cached
+  prompt's last block, so its prompts are a whole number of blocks plus one token
+  (`cached_prompt_length`: 257 for --context 256; at 256, every run recomputed 128 tokens of each
+  prompt, ~5 s of prefill beside ~6 s of decode, which halved AutoDeco's share of the wall time).
 Both children also report AutoDeco's own cost per decode step against a default step, which the
 wall-time ratio cannot resolve at ~1% on this noise: per repeat, the median time of its decoding
 step in the AutoDeco run (hf: ``heads.model.decode``, vllm: the plugin's ``apply_heads`` in the
@@ -87,6 +90,12 @@ def share_interval(head_seconds: list[list[float]], default_starts: list[list[fl
     mean, interval = geometric_estimate(shares)
     return {"shares": shares, "share_mean": mean, "share_ci": interval,
             "share_verdict": _verdict(interval, SHARE_GOAL)}
+
+
+def cached_prompt_length(context: int, block: int) -> int:
+    """The prompt length whose prefix-cache hit leaves one token to compute: ``context`` rounded
+    down to whole blocks of ``block`` tokens, plus one (``context`` itself when under a block)."""
+    return context if context < block else context // block * block + 1
 
 
 def force_heads(model, top_p: float, temperature: float = 1.0) -> None:
@@ -158,8 +167,10 @@ def run(args) -> int:
 
 def _print_table(results: dict, names: list[str], dtype: str, args, summary: dict) -> None:
     columns = list(results)
-    print(f"bench nucleus: {args.model} {dtype}, batch {args.batch_size}, context {args.context}, "
-          f"{args.new_tokens} new tokens, {args.repeats} interleaved repeats")
+    vllm_prompts = sorted({data["prompt_tokens"] for data in results.values() if "prompt_tokens" in data})
+    print(f"bench nucleus: {args.model} {dtype}, batch {args.batch_size}, context {args.context}"
+          + (f" (vllm: {', '.join(map(str, vllm_prompts))}, whole KV blocks + 1)" if vllm_prompts else "")
+          + f", {args.new_tokens} new tokens, {args.repeats} interleaved repeats")
     print(f"AutoDeco / default sampling, wall time: median of the repeats' ratios [95% interval of their geometric "
           f"mean]; + meets the goal <= {GOAL} (whole interval at or below), - misses (whole interval above), "
           "? undecided")
@@ -344,7 +355,8 @@ def _vllm_child(spec: dict) -> dict:
     length = spec["context"] + spec["new_tokens"] + 8
     backend = VLLMBackend(str(merged), trace=False, dtype=spec["dtype"], max_model_len=length)
     tokenizer = backend.tokenizer
-    prompts = [{"prompt_token_ids": ids} for ids in natural_rows(tokenizer, spec["batch"], spec["context"])]
+    context = cached_prompt_length(spec["context"], backend.llm.llm_engine.vllm_config.cache_config.block_size)
+    prompts = [{"prompt_token_ids": ids} for ids in natural_rows(tokenizer, spec["batch"], context)]
 
     def generate(heads_on: bool, seed: int, runs: list[list[list[float]]] | None = None) -> float:
         """One timed generation, heads on or off; with ``runs``, the worker's (start, head-work
@@ -363,7 +375,7 @@ def _vllm_child(spec: dict) -> dict:
         return seconds
 
     generate(False, 0)  # warm-up: the prompts enter the prefix cache
-    out = {"settings": {}}
+    out = {"settings": {}, "prompt_tokens": context}
     try:
         for name, folder in settings:
             backend.llm.collective_rpc("autodeco_load_heads", args=(str(Path(folder).resolve()),))
