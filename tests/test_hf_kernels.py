@@ -511,6 +511,30 @@ def test_bench_nucleus_vllm_prompts_leave_one_token_past_the_cached_blocks():
     assert [cached_prompt_length(c, 128) for c in (24, 127, 128, 256, 300, 385)] == [24, 127, 129, 257, 257, 385]
 
 
+def test_bench_nucleus_names_wall_verdicts_its_step_shares_contradict(capsys):
+    """A wall-time 'meets' beside a step share that misses 1% is flagged as noise (AutoDeco only adds
+    work to a step); agreeing cells are not."""
+    import types
+
+    from harness.bench.nucleus import _print_table
+
+    def cell(verdict, share_verdict, share):
+        return {"ratio": 0.95, "ratio_ci": [0.9, 0.99], "verdict": verdict, "share_mean": share,
+                "share_ci": [share * 0.9, share * 1.1], "share_verdict": share_verdict, "generation_ms": 2.0}
+
+    results = {"vllm@2": {"step_ms": 170.0, "prompt_tokens": 257, "settings": {
+        "P=0.8": cell("meets", "misses", 0.012), "P=0.9": cell("meets", "meets", 0.008),
+        "P=0.99": cell("undecided", "misses", 0.02)}}}
+    summary = {"worst_ratio": 0.95, "verdicts": {"meets": 2, "misses": 0, "undecided": 1}, "worst_share": 0.02,
+               "share_verdicts": {"meets": 1, "misses": 2, "undecided": 0}}
+    args = types.SimpleNamespace(model="smollm2", batch_size=16, context=256, new_tokens=32, repeats=6)
+    _print_table(results, ["P=0.8", "P=0.9", "P=0.99"], "float32", args, summary)
+    out = capsys.readouterr().out
+    assert "context 256 (vllm: 257, whole KV blocks + 1)" in out
+    assert "in generation 2.000 ms = 1.20% [1.08, 1.32] -" in out
+    assert out.strip().splitlines()[-1].endswith("host noise, not a finding): vllm@2 P=0.8")
+
+
 def test_bench_nucleus_step_share_pairs_each_autodeco_run_with_its_default_run():
     """A repeat's share is the median of its AutoDeco run's step times over its own default run's
     step, the median spacing of that run's step starts (not pooled, not its wall time per token: a

@@ -208,6 +208,11 @@ def _print_table(results: dict, names: list[str], dtype: str, args, summary: dic
     counts = ", ".join(f"{shares[v]} {v}" for v in VERDICTS)
     print(f"step share: worst {100 * summary['worst_share']:.2f}%; of {sum(shares.values())} cells: {counts} "
           f"(goal <= {100 * SHARE_GOAL:g}%)")
+    contrary = [f"{column} {name}" for column, data in results.items() for name, r in data["settings"].items()
+                if r["verdict"] == "meets" and r["share_verdict"] == "misses"]
+    if contrary:
+        print(f"wall time meets where the step share misses (AutoDeco only adds work to a step, so that wall "
+              f"interval is host noise, not a finding): {', '.join(contrary)}")
 
 
 # ---------------------------------------------------------------------------------------------
