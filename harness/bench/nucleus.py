@@ -23,18 +23,18 @@ several percent, so a single median under or over 1.01 settles nothing.
   decode steps too. vLLM caches whole KV blocks (128 tokens on CPU) and recomputes a wholly cached
   prompt's last block, so its prompts are a whole number of blocks plus one token
   (`cached_prompt_length`: 257 for --context 256; at 256, every run recomputed 128 tokens of each
-  prompt, ~5 s of prefill beside ~6 s of decode, which halved AutoDeco's share of the wall time).
+  prompt, ~5 s of prefill beside ~6 s of decode, diluting AutoDeco's share of the wall time ~2×).
 Both children also report AutoDeco's own cost per decode step against a default step, which the
 wall-time ratio cannot resolve at ~1% on this noise: per repeat, the median time of its decoding
 step in the AutoDeco run (hf: ``heads.model.decode``, vllm: the plugin's ``apply_heads`` in the
 worker; heads, features, ÷T, nucleus, on real rows as generation goes) over the paired default
 run's step (the median spacing of its steps' starts: hf, the model's forward; vllm, the worker's
-``compute_logits``; so a run's fixed costs, vLLM's ~0.2 s per ``generate`` among them, are not
-counted as step time). Its geometric mean and 95% interval over the repeats (`share_interval`)
-get a verdict against 1%: AutoDeco's other work per step is the default's (the same sampler, the
-same forward), so a step share above 1% puts the ratio above 1.01. The hf child also times, on one
-step's logits, that step natively and by its torch steps, with how many rows the top candidates
-could not settle.
+``compute_logits``; so a run's fixed costs are not counted as step time: a one-token vLLM
+``generate`` of cached prompts takes ~0.3 s). Its geometric mean and 95% interval over the
+repeats (`share_interval`) get a verdict against 1%: AutoDeco's other work per step is the
+default's (the same sampler, the same forward), so a step share above 1% puts the ratio above
+1.01. The hf child also times, on one step's logits, that step natively and by its torch steps,
+with how many rows the top candidates could not settle.
 """
 
 from __future__ import annotations
