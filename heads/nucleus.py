@@ -145,6 +145,8 @@ def _load_native():
     lib.autodeco_rows.restype = i64
     lib.native_team_cpus.argtypes = [i32]
     lib.native_team_cpus.restype = i32
+    lib.native_openmp.argtypes = []
+    lib.native_openmp.restype = i32
     return lib
 
 
@@ -162,7 +164,8 @@ def _threads() -> int:
     run on (``native_team_cpus``). vLLM's CPU worker pins its main thread to one core and each
     OpenMP worker to another: the team, torch's OpenMP workers, spans them all. A team whose
     threads would inherit the caller's single core (no OpenMP build, or unbound workers) gets no
-    more threads than the caller's cores. Counted once per (thread count, caller's cores)."""
+    more threads than the caller's cores. Counted once per (thread count, caller's cores): workers
+    re-pinned after the first count are not seen."""
     threads = torch.get_num_threads()
     if threads <= 1:
         return 1

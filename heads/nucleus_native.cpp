@@ -752,24 +752,31 @@ void on_row_blocks(int64_t n, int32_t threads, const Work& work) {
 // CPU and each of its OpenMP workers to another (vLLM's CPU worker) gives `threads`; a thread
 // started for the call inherits the caller's mask, so without OpenMP (or with workers started
 // unbound under a pinned caller) the team may stack on the caller's CPUs, and this counts those.
+// Where no thread can read its mask (more CPUs than a cpu_set_t holds), `threads`.
 int32_t team_cpus(int32_t threads) {
 #if defined(__linux__)
     cpu_set_t all;
     CPU_ZERO(&all);
-    const auto add_own = [&all](int64_t, int64_t) {
+    bool unread = false;
+    const auto add_own = [&all, &unread](int64_t, int64_t) {
         cpu_set_t mine;
-        if (sched_getaffinity(0, sizeof(mine), &mine) != 0) CPU_ZERO(&mine);
+        const bool read = sched_getaffinity(0, sizeof(mine), &mine) == 0;
 #if defined(_OPENMP)
 #pragma omp critical(autodeco_team_cpus)
 #endif
-        CPU_OR(&all, &all, &mine);
+        {
+            if (read)
+                CPU_OR(&all, &all, &mine);
+            else
+                unread = true;
+        }
     };
 #if defined(_OPENMP)
     on_row_blocks(threads, threads, add_own);
 #else  // the threads on_row_blocks would start inherit the caller's mask
     add_own(0, 0);
 #endif
-    return std::max(1, CPU_COUNT(&all));
+    return unread ? threads : std::max(1, CPU_COUNT(&all));
 #else
     return threads;
 #endif
@@ -847,8 +854,15 @@ thread_local StepScratch step_scratch;
 
 extern "C" {
 
-// team_cpus, for nucleus.py's thread count.
+// team_cpus, for nucleus.py's thread count; whether this build runs teams on OpenMP.
 int32_t native_team_cpus(int32_t threads) { return team_cpus(threads); }
+int32_t native_openmp() {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 // Band of each of the m rows (rows[r] indexes z), then its candidates: every token whose rung is
 // <= the band's last, as its value, value - lse (float32, as torch subtracts) and in-band flag;

@@ -30,9 +30,9 @@ that ask for a trace (``SamplingParams.extra_args = {"autodeco_trace": "<dir>"}`
 them to ``<dir>/trace-<pid>.jsonl``: one line per step, read back with ``read_traces``.
 
 Timing (``autodeco bench nucleus``): between ``collective_rpc("autodeco_time_heads", args=(True,))``
-and ``(False,)``, which returns them, every ``compute_logits`` call appends its start time and the
-wall time of its head work (``apply_heads``: heads, ÷T, nucleus; ~0 with the heads off) to
-``HEAD_TIMES`` in the worker: the starts' spacing is the engine's step.
+and ``(False,)``, which returns them, every ``compute_logits`` call appends the time its head work
+starts (after the base logits) and that work's wall time (``apply_heads``: heads, ÷T, nucleus; ~0
+with the heads off) to ``HEAD_TIMES`` in the worker: the starts' spacing is the engine's step.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class AutoDecoWorkerExtension:
 
     def autodeco_time_heads(self, start: bool) -> list[tuple[float, float]]:
         """Start recording every ``compute_logits`` call in this worker (``start``: returns []), or
-        stop and return what was recorded: (start time, seconds of head work) per call, in order."""
+        stop and return what was recorded: (time the head work starts, its seconds) per call, in order."""
         global HEAD_TIMES
         recorded = HEAD_TIMES or []
         HEAD_TIMES = [] if start else None

@@ -285,7 +285,7 @@ def test_scratch_buffers_work_in_and_out_of_inference_mode():
 
 def _threads_in_a_fresh_process(env: dict, pin_first: bool = False) -> str:
     """'<CPUs the main thread may use> <nucleus._threads()>' in a new interpreter with 2 torch threads."""
-    pin = "import os; os.sched_setaffinity(0, {0}); " if pin_first else ""
+    pin = f"import os; os.sched_setaffinity(0, {{{min(os.sched_getaffinity(0))}}}); " if pin_first else ""
     code = pin + ("import os, torch, heads.nucleus as n; assert n.native() is not None; "
                   "print(len(os.sched_getaffinity(0)), n._threads())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -294,12 +294,14 @@ def _threads_in_a_fresh_process(env: dict, pin_first: bool = False) -> str:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
-                    or nucleus.native() is None, reason="needs Linux, 2 CPUs and the native passes")
+                    or nucleus.native() is None or not nucleus.native().native_openmp(),
+                    reason="needs Linux, 2 CPUs and the native passes built with OpenMP")
 def test_native_threads_span_the_cpus_their_team_may_use():
     """vLLM's CPU worker binds its OpenMP threads with GOMP_CPU_AFFINITY: the main thread on CPU 0, the
     second worker on CPU 1. The native call runs on that team, so it takes both threads (it used to
     count the main thread's one CPU and run single-threaded in vLLM: 3.4 against 2.0 ms a step).
     A caller pinned to one CPU before the team exists gets a team that inherits that CPU: one thread."""
-    assert _threads_in_a_fresh_process({"GOMP_CPU_AFFINITY": "0 1"}) == "1 2"
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    assert _threads_in_a_fresh_process({"GOMP_CPU_AFFINITY": f"{first} {second}"}) == "1 2"
     assert _threads_in_a_fresh_process({}, pin_first=True) == "1 1"
     assert _threads_in_a_fresh_process({}) == f"{len(os.sched_getaffinity(0))} 2"

@@ -234,8 +234,8 @@ def test_bench_nucleus_vllm_times_the_workers_steps(tmp_path):
     column = result["results"]["vllm@1"]
     row = column["settings"]["P=0.9"]
     assert len(row["default_seconds"]) == len(row["autodeco_seconds"]) == len(row["shares"]) == 2
-    assert all(0 < ms < 1e3 * wall / 3 for ms, wall in zip(row["default_step_ms"], row["default_seconds"],
-                                                           strict=True))
+    assert all(0 < ms < 1e3 * wall / 4 for ms, wall in zip(row["default_step_ms"], row["default_seconds"],
+                                                           strict=True))  # under the wall time per token
     assert column["step_ms"] == pytest.approx(sum(row["default_step_ms"]) / 2)  # the median of two
     assert 0 < row["generation_ms"] < column["step_ms"]
     assert row["share_ci"][0] <= row["share_mean"] <= row["share_ci"][1]
