@@ -160,7 +160,7 @@ def _native_ok(z: torch.Tensor) -> bool:
 
 
 def _threads() -> int:
-    """Threads for a native call: torch's intra-op count, but no more than the CPUs that team may
+    """Threads for a call into the loaded native passes: torch's intra-op count, but no more than the CPUs that team may
     run on (``native_team_cpus``). vLLM's CPU worker pins its main thread to one core and each
     OpenMP worker to another: the team, torch's OpenMP workers, spans them all. A team whose
     threads would inherit the caller's single core (no OpenMP build, or unbound workers) gets no
@@ -175,9 +175,7 @@ def _threads() -> int:
 
 @functools.lru_cache(maxsize=64)
 def _team_threads(threads: int, cores: frozenset | None) -> int:
-    lib = native()
-    usable = lib.native_team_cpus(threads) if lib is not None else len(cores) if cores else threads
-    return max(1, min(threads, usable))
+    return max(1, min(threads, native().native_team_cpus(threads)))  # `cores`: the cache key only
 
 
 def native():

@@ -545,6 +545,7 @@ def test_bench_nucleus_step_share_pairs_each_autodeco_run_with_its_default_run()
     assert step_seconds(starts[0]) == pytest.approx(0.1) and step_seconds(starts[1]) == pytest.approx(0.08)
     got = share_interval(heads, starts)
     assert got["shares"] == pytest.approx([0.012, 0.01625])
+    assert got["default_step_ms"] == pytest.approx([100.0, 80.0]) and got["generation_ms"] == pytest.approx(1.25)
     assert got["share_mean"] == pytest.approx(math.sqrt(0.012 * 0.01625))
     assert got["share_verdict"] == "undecided" and got["share_ci"][0] < got["share_mean"] < got["share_ci"][1]
     steady = [[0.0, 0.1, 0.2], [0.0, 0.101, 0.202], [0.0, 0.0995, 0.199]]

@@ -85,12 +85,13 @@ def share_interval(head_seconds: list[list[float]], default_starts: list[list[fl
     """AutoDeco's decoding step as a share of a default decode step, per repeat r: the median of the
     head-work times recorded in AutoDeco's run r over default run r's step (`step_seconds` of its
     steps' start times); their geometric mean, 95% t interval and verdict against `SHARE_GOAL` (as
-    `ratio_interval`)."""
-    shares = [statistics.median(heads) / step_seconds(starts)
-              for heads, starts in zip(head_seconds, default_starts, strict=True)]
+    `ratio_interval`); with each default run's step and the median head-work time over all runs (ms)."""
+    steps = [step_seconds(starts) for starts in default_starts]
+    shares = [statistics.median(heads) / step for heads, step in zip(head_seconds, steps, strict=True)]
     mean, interval = geometric_estimate(shares)
     return {"shares": shares, "share_mean": mean, "share_ci": interval,
-            "share_verdict": _verdict(interval, SHARE_GOAL)}
+            "share_verdict": _verdict(interval, SHARE_GOAL), "default_step_ms": [1e3 * step for step in steps],
+            "generation_ms": 1e3 * statistics.median([t for heads in head_seconds for t in heads])}
 
 
 def cached_prompt_length(context: int, block: int) -> int:
@@ -324,8 +325,7 @@ def _hf_child(spec: dict) -> dict:
                            lambda r, s=starts, h=heads: timed("autodeco", spec["seed"] + r, s["autodeco"],
                                                               h["autodeco"]))
         assert not any(heads["default"]), "the default preset ran AutoDeco's decoding step"
-        row.update(share_interval(heads["autodeco"], starts["default"]),
-                   default_step_ms=[1e3 * step_seconds(run) for run in starts["default"]])
+        row.update(share_interval(heads["autodeco"], starts["default"]))
         with torch.inference_mode():  # AutoDeco's step on this setting's real logits of one step
             hidden, base_logits, _ = model.base_forward(prompts[:, -1:], attention_mask=mask,
                                                         past_key_values=copy.deepcopy(cache), logits_to_keep=1)
@@ -335,8 +335,7 @@ def _hf_child(spec: dict) -> dict:
             p = top_p[:, -1].float()
             stats = logit_stats(z, moments=False)
             _, resolved = _cutoff(stats.top_values, stats.lse, p)
-            row.update(generation_ms=1e3 * statistics.median([t for run in heads["autodeco"] for t in run]),
-                       autodeco_ms=step_ms(lambda h=hidden, b=base_logits: decode(
+            row.update(autodeco_ms=step_ms(lambda h=hidden, b=base_logits: decode(
                            model.temp_head, model.top_p_head, h, b, use_temperature=True, use_top_p=True)),
                        torch_steps_ms=step_ms(lambda h=hidden, b=base_logits: torch_steps(h, b)),
                        slow_rows=int((~resolved).sum()), top_p_mean=float(p.mean()))
@@ -391,9 +390,7 @@ def _vllm_child(spec: dict) -> dict:
                                lambda r, runs=runs: generate(True, spec["seed"] + r, runs[True]))
             default_starts = [[start for start, _ in run] for run in runs[False]]
             heads = [[seconds for _, seconds in run] for run in runs[True]]
-            row.update(share_interval(heads, default_starts),
-                       default_step_ms=[1e3 * step_seconds(run) for run in default_starts],
-                       generation_ms=1e3 * statistics.median([t for run in heads for t in run]))
+            row.update(share_interval(heads, default_starts))
             out["settings"][name] = row
             print(f"  vllm {name}: ratio {row['ratio']:.4f}", file=sys.stderr, flush=True)
     finally:
